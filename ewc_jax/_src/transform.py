@@ -1,0 +1,328 @@
+"""The elastic pull of EWC as an optax gradient transformation."""
+
+import dataclasses
+import functools
+import math
+from typing import Any, Callable, Optional, Union
+
+import chex
+import jax
+import jax.numpy as jnp
+import optax
+
+from ewc_jax._src import tree as tree_lib
+
+MODES = ("separate", "online")
+
+_NO_PARAMS_MSG = (
+    "ewc_jax.ewc needs the current parameters: call "
+    "`optimizer.update(grads, opt_state, params)`; params was None.")
+
+
+@functools.partial(
+    jax.tree_util.register_dataclass,
+    data_fields=["curvature", "center", "residual", "lam", "gamma",
+                 "num_tasks"],
+    meta_fields=["mode"])
+@dataclasses.dataclass(frozen=True)
+class EWCState:
+  """State of :func:`ewc`: all past tasks' quadratics folded into one.
+
+  The sum of per-task quadratics ``sum_k F_k (theta - theta*_k)^2`` equals
+  ``A (theta - c)^2 + r`` elementwise, with curvature ``A = sum_k F_k``,
+  centre ``c = sum_k F_k theta*_k / A`` (so ``A c = B = sum_k F_k theta*_k``)
+  and a constant ``r``. Storing the centre rather than ``B`` keeps the pull
+  ``A (theta - c)`` free of the cancellation in ``A theta - B``.
+
+  Attributes:
+    curvature: ``A``, float32, shaped like the (regularised) params.
+    center: ``c``, float32, shaped like the (regularised) params.
+    residual: scalar float32, ``sum r``: the part of the penalty that no
+      parameter value can remove (zero in online mode).
+    lam: scalar float32, the lambda of the last update (for :func:`penalty`).
+    gamma: scalar float32, online mode's decay of the old Fisher.
+    num_tasks: scalar int32, how many tasks have been consolidated.
+    mode: ``"separate"`` or ``"online"`` (static: not a leaf).
+  """
+
+  curvature: chex.ArrayTree
+  center: chex.ArrayTree
+  residual: chex.Array
+  lam: chex.Array
+  gamma: chex.Array
+  num_tasks: chex.Array
+  mode: str = "separate"
+
+
+def _is_masked(x: Any) -> bool:
+  return isinstance(x, optax.MaskedNode)
+
+
+def _check_lam(lam: Any) -> None:
+  if tree_lib.is_concrete(lam) and not callable(lam):
+    value = float(jnp.asarray(lam))
+    if not math.isfinite(value) or value < 0:
+      raise ValueError(
+          f"lam must be a finite number >= 0, got {value}.")
+
+
+def ewc(
+    lam: Union[float, jax.Array],
+    *,
+    mode: str = "separate",
+    gamma: float = 1.0,
+    mask: Optional[Union[Any, Callable[[optax.Params], Any]]] = None,
+) -> optax.GradientTransformation:
+  r"""Adds the gradient of the EWC penalty to the updates.
+
+  After tasks ``k = 1..K`` with diagonal Fishers ``F_k`` and final parameters
+  ``theta*_k``, Elastic Weight Consolidation adds to the loss
+
+  .. math::
+    \frac{\lambda}{2} \sum_k \sum_i F_{k,i} (\theta_i - \theta^*_{k,i})^2,
+
+  whose gradient ``lam * (A * theta - B)``, with ``A = sum_k F_k`` and
+  ``B = sum_k F_k * theta*_k``, this transformation adds to the incoming
+  updates (as :func:`optax.add_decayed_weights` adds ``wd * theta``). Put it
+  first in a chain so that the optimiser that follows sees the full gradient:
+  ``optax.chain(ewc(lam), optax.adam(lr))``.
+
+  Tasks are folded in with :func:`consolidate`; until then the pull is zero.
+  In ``"online"`` mode (Schwarz et al. 2018) consolidation sets
+  ``A <- gamma * A + F_new`` and anchors the single quadratic at the latest
+  parameters. The state is O(#params) and never changes shape, so a jitted
+  train step taking the state as an argument is traced once for all tasks.
+
+  The pull is computed in float32 and cast back to each update's dtype.
+
+  Example:
+    >>> import jax.numpy as jnp, optax, ewc_jax
+    >>> params = {'w': jnp.array([1.0, 2.0])}
+    >>> opt = optax.chain(ewc_jax.ewc(10.0), optax.sgd(0.1))
+    >>> state = opt.init(params)
+    >>> state = ewc_jax.consolidate(state, params, {'w': jnp.array([1.0, 0.0])})
+    >>> grads = {'w': jnp.zeros(2)}
+    >>> updates, state = opt.update(grads, state, {'w': jnp.array([2.0, 3.0])})
+    >>> print(updates['w'])  # -0.1 * 10 * [1, 0] * ([2, 3] - [1, 2])
+    [-1. -0.]
+
+  Args:
+    lam: the EWC strength lambda >= 0 (with the 1/2 of Kirkpatrick et al. and
+      a Fisher averaged over examples; see the README for other libraries'
+      conventions). Schedulable with ``optax.inject_hyperparams(ewc)(lam=...)``.
+    mode: ``"separate"`` (one quadratic per past task) or ``"online"``.
+    gamma: online mode's decay of the old Fisher, in (0, 1].
+    mask: a tree of booleans shaped like (a prefix of) the params, or a
+      callable returning one; ``True`` leaves are regularised. Leaves masked
+      out (say a new task's output head) carry no EWC state at all.
+
+  Returns:
+    An :class:`optax.GradientTransformation` whose state holds an
+    :class:`EWCState`.
+
+  References:
+    Kirkpatrick et al., `Overcoming catastrophic forgetting in neural networks
+    <https://arxiv.org/abs/1612.00796>`_, PNAS 2017.
+    Schwarz et al., `Progress & Compress <https://arxiv.org/abs/1805.06370>`_,
+    ICML 2018.
+  """
+  if mode not in MODES:
+    raise ValueError(f"mode must be one of {MODES}, got {mode!r}.")
+  if tree_lib.is_concrete(gamma) and not 0.0 < float(gamma) <= 1.0:
+    raise ValueError(f"gamma must be a number in (0, 1], got {gamma!r}.")
+  _check_lam(lam)
+
+  def init_fn(params):
+    zeros = jax.tree.map(lambda p: jnp.zeros(jnp.shape(p), jnp.float32), params)
+    return EWCState(
+        curvature=zeros,
+        center=zeros,
+        residual=jnp.zeros([], jnp.float32),
+        lam=jnp.asarray(lam, jnp.float32),
+        gamma=jnp.asarray(gamma, jnp.float32),
+        num_tasks=jnp.zeros([], jnp.int32),
+        mode=mode,
+    )
+
+  def update_fn(updates, state, params=None):
+    if params is None:
+      raise ValueError(_NO_PARAMS_MSG)
+    lam_f32 = jnp.asarray(lam, jnp.float32)
+
+    def pull(u, a, c, p):
+      if u is None:
+        return None
+      f32 = u.astype(jnp.float32) + lam_f32 * a * (p.astype(jnp.float32) - c)
+      return f32.astype(u.dtype)
+
+    updates = jax.tree.map(
+        pull, updates, state.curvature, state.center, params,
+        is_leaf=lambda x: x is None)
+    return updates, dataclasses.replace(
+        state, lam=lam_f32, gamma=jnp.asarray(gamma, jnp.float32))
+
+  tx = optax.GradientTransformation(init_fn, update_fn)
+  if mask is not None:
+    return optax.masked(tx, mask)
+  return tx
+
+
+def _is_state(x: Any) -> bool:
+  return isinstance(x, EWCState)
+
+
+def _find_states(opt_state: Any) -> list[EWCState]:
+  leaves = jax.tree.leaves(opt_state, is_leaf=_is_state)
+  return [s for s in leaves if _is_state(s)]
+
+
+def _fold(s: EWCState, params, fisher) -> EWCState:
+  """Folds one finished task (anchor ``params``, Fisher ``fisher``) in."""
+  # Leaves masked out by optax.masked are MaskedNode in the state; the full
+  # params/fisher trees have arrays there, which tree_map skips below.
+  tree_lib.check_same_structure(
+      "the EWC state", s.curvature, "params", params, is_leaf=_is_masked,
+      check_shapes=True)
+  tree_lib.check_same_structure(
+      "the EWC state", s.curvature, "fisher", fisher, is_leaf=_is_masked,
+      check_shapes=True)
+
+  def leaves(fn, *trees):
+    return jax.tree.map(
+        lambda a, *rest: a if _is_masked(a) else fn(a, *rest),
+        *trees, is_leaf=_is_masked)
+
+  f32 = lambda x: jnp.asarray(x, jnp.float32)  # noqa: E731
+  if s.mode == "online":
+    curvature = leaves(lambda a, f: s.gamma * a + f32(f), s.curvature,
+                       fisher)
+    center = leaves(lambda c, p: f32(p), s.center, params)
+    residual = jnp.zeros([], jnp.float32)
+  else:
+    def new_center(a, c, f, p):
+      total = a + f32(f)
+      mixed = (a * c + f32(f) * f32(p)) / jnp.where(total > 0, total, 1.0)
+      return jnp.where(total > 0, mixed, f32(p))
+
+    def gap(a, c, f, p):
+      # Combining A(x-c)^2 and F(x-p)^2 leaves A F / (A + F) (c - p)^2.
+      total = a + f32(f)
+      w = a * f32(f) / jnp.where(total > 0, total, 1.0)
+      return jnp.sum(w * jnp.square(c - f32(p)))
+
+    center = leaves(new_center, s.curvature, s.center, fisher, params)
+    gaps = leaves(gap, s.curvature, s.center, fisher, params)
+    residual = s.residual + sum(
+        jax.tree.leaves(gaps), jnp.zeros([], jnp.float32))
+    curvature = leaves(lambda a, f: a + f32(f), s.curvature, fisher)
+  return dataclasses.replace(
+      s, curvature=curvature, center=center, residual=residual,
+      num_tasks=s.num_tasks + 1)
+
+
+def consolidate(opt_state: Any, params: Any, fisher: Any) -> Any:
+  """Folds a finished task into every EWC state inside ``opt_state``.
+
+  Separate mode adds the quadratic ``F (theta - params)^2`` to the past ones;
+  online mode replaces the anchor with ``params`` and sets
+  ``F* <- gamma F* + fisher``. The EWC state is found wherever it sits
+  (inside ``optax.chain``, ``optax.inject_hyperparams``, ``optax.masked``,
+  ``optax.multi_transform``); shapes and dtypes never change, so a jitted
+  step taking ``opt_state`` as an argument is not retraced. Can be called
+  inside ``jax.jit`` (the value checks then need concrete values and are
+  skipped).
+
+  Example:
+    >>> import jax.numpy as jnp, optax, ewc_jax
+    >>> params = {'w': jnp.ones(3)}
+    >>> opt = optax.chain(ewc_jax.ewc(1.0), optax.adam(1e-3))
+    >>> state = opt.init(params)
+    >>> state = ewc_jax.consolidate(state, params, {'w': jnp.ones(3)})
+    >>> float(ewc_jax.penalty({'w': jnp.zeros(3)}, state))
+    1.5
+
+  Args:
+    opt_state: an optimiser state holding one or more :func:`ewc` states.
+    params: the parameters at the end of the task (the anchor), a full tree.
+    fisher: the task's diagonal Fisher, shaped like ``params`` (e.g. from
+      :func:`ewc_jax.fisher_diagonal`); finite and >= 0.
+
+  Returns:
+    ``opt_state`` with the task folded in.
+
+  Raises:
+    ValueError: no EWC state in ``opt_state``; ``params`` or ``fisher`` not
+      shaped like the regularised parameters (the path is named); non-finite
+      or negative Fisher values.
+  """
+  if not _find_states(opt_state):
+    raise ValueError(
+        "consolidate found no ewc_jax.ewc state in opt_state; build the "
+        "optimiser with ewc_jax.ewc(...) (e.g. optax.chain(ewc_jax.ewc(lam), "
+        "optax.adam(lr))).")
+  tree_lib.check_same_structure("params", params, "fisher", fisher)
+  tree_lib.check_finite("fisher", fisher, nonnegative=True)
+  tree_lib.check_finite("params", params)
+  return jax.tree.map(
+      lambda s: _fold(s, params, fisher) if _is_state(s) else s,
+      opt_state, is_leaf=_is_state)
+
+
+def penalty(params: Any, opt_state: Any) -> jax.Array:
+  r"""The current EWC penalty ``(lam/2) sum_k sum_i F_k (theta - theta*_k)^2``.
+
+  Uses the lambda of the most recent update (or the initial one), and sums
+  over every EWC state in ``opt_state``. For logging; the transformation
+  itself adds the gradient of this value.
+
+  Args:
+    params: the current parameters.
+    opt_state: an optimiser state holding one or more :func:`ewc` states.
+
+  Returns:
+    A float32 scalar.
+  """
+  states = _find_states(opt_state)
+  if not states:
+    raise ValueError("penalty found no ewc_jax.ewc state in opt_state.")
+  total = jnp.zeros([], jnp.float32)
+  for s in states:
+    tree_lib.check_same_structure(
+        "the EWC state", s.curvature, "params", params, is_leaf=_is_masked)
+    terms = jax.tree.map(
+        lambda a, c, p: jnp.zeros([]) if _is_masked(a) else jnp.sum(
+            a * jnp.square(jnp.asarray(p, jnp.float32) - c)),
+        s.curvature, s.center, params, is_leaf=_is_masked)
+    quad = sum(jax.tree.leaves(terms), jnp.zeros([], jnp.float32))
+    total = total + 0.5 * s.lam * (quad + s.residual)
+  return total
+
+
+def ewc_penalty(params: Any, anchor: Any, fisher: Any, lam: float) -> jax.Array:
+  r"""The EWC penalty as a pure function, to add to a loss.
+
+  .. math:: \frac{\lambda}{2} \sum_i F_i (\theta_i - \theta^*_i)^2
+
+  For users who prefer the penalty-in-the-loss style; ``jax.grad`` of this
+  equals the pull that :func:`ewc` adds to the updates.
+
+  Args:
+    params: the current parameters ``theta``.
+    anchor: the parameters ``theta*`` after the old task.
+    fisher: the diagonal Fisher ``F``, shaped like ``params``.
+    lam: lambda >= 0.
+
+  Returns:
+    A float32 scalar.
+  """
+  tree_lib.check_same_structure("params", params, "anchor", anchor)
+  tree_lib.check_same_structure("params", params, "fisher", fisher)
+  _check_lam(lam)
+  terms = jax.tree.map(
+      lambda p, a, f: jnp.sum(
+          jnp.asarray(f, jnp.float32)
+          * jnp.square(jnp.asarray(p, jnp.float32)
+                       - jnp.asarray(a, jnp.float32))),
+      params, anchor, fisher)
+  return 0.5 * jnp.asarray(lam, jnp.float32) * sum(
+      jax.tree.leaves(terms), jnp.zeros([], jnp.float32))

@@ -1,0 +1,264 @@
+"""The EWC transformation against autodiff of the penalty."""
+
+import chex
+import jax
+import jax.numpy as jnp
+import numpy as np
+import optax
+import pytest
+from flax import nnx
+
+import ewc_jax
+from tests import models
+
+
+def random_tree(seed, like):
+  leaves, treedef = jax.tree.flatten(like)
+  keys = jax.random.split(jax.random.key(seed), len(leaves))
+  return jax.tree.unflatten(treedef, [
+      jax.random.normal(k, jnp.shape(x)) for k, x in zip(keys, leaves)])
+
+
+def random_fisher(seed, like):
+  return jax.tree.map(jnp.square, random_tree(seed, like))
+
+
+PARAMS = {"dense": {"kernel": jnp.ones((3, 2)), "bias": jnp.ones((2,))},
+          "scale": jnp.ones(())}
+
+
+def loss_fn(params, x):
+  return jnp.sum(jnp.tanh(x @ params["dense"]["kernel"]
+                          + params["dense"]["bias"]) ** 2) * params["scale"]
+
+
+@pytest.mark.parametrize("inner", ["sgd", "adam"])
+def test_step_equals_optimiser_on_loss_plus_penalty(inner):
+  params = random_tree(0, PARAMS)
+  anchor, fisher = random_tree(1, PARAMS), random_fisher(2, PARAMS)
+  x = jax.random.normal(jax.random.key(3), (5, 3))
+  lam = 7.0
+  make = {"sgd": lambda: optax.sgd(0.1), "adam": lambda: optax.adam(0.01)}
+  opt = optax.chain(ewc_jax.ewc(lam), make[inner]())
+  state = ewc_jax.consolidate(opt.init(params), anchor, fisher)
+  ref_opt = make[inner]()
+  ref_state = ref_opt.init(params)
+  for _ in range(3):
+    g = jax.grad(loss_fn)(params, x)
+    updates, state = jax.jit(opt.update)(g, state, params)
+    ref_g = jax.grad(lambda p: loss_fn(p, x) + ewc_jax.ewc_penalty(
+        p, anchor, fisher, lam))(params)
+    ref_updates, ref_state = ref_opt.update(ref_g, ref_state, params)
+    chex.assert_trees_all_close(updates, ref_updates, rtol=1e-6, atol=1e-6)
+    params = optax.apply_updates(params, updates)
+  np.testing.assert_allclose(
+      ewc_jax.penalty(params, state),
+      ewc_jax.ewc_penalty(params, anchor, fisher, lam), rtol=1e-6)
+
+
+def test_nothing_changes_before_the_first_consolidation():
+  opt = ewc_jax.ewc(100.0)
+  g = random_tree(5, PARAMS)
+  updates, _ = opt.update(g, opt.init(PARAMS), random_tree(6, PARAMS))
+  chex.assert_trees_all_equal(updates, g)
+  assert float(ewc_jax.penalty(random_tree(7, PARAMS), opt.init(PARAMS))) == 0
+
+
+def test_separate_mode_is_the_sum_of_the_task_penalties():
+  lam = 3.0
+  anchors = [random_tree(10 + k, PARAMS) for k in range(3)]
+  fishers = [random_fisher(20 + k, PARAMS) for k in range(3)]
+  opt = ewc_jax.ewc(lam)
+  state = opt.init(PARAMS)
+  for a, f in zip(anchors, fishers):
+    state = ewc_jax.consolidate(state, a, f)
+  assert int(state.num_tasks) == 3
+  theta = random_tree(30, PARAMS)
+
+  def explicit(p):
+    return sum(ewc_jax.ewc_penalty(p, a, f, lam)
+               for a, f in zip(anchors, fishers))
+
+  np.testing.assert_allclose(ewc_jax.penalty(theta, state), explicit(theta),
+                             rtol=1e-5)
+  zeros = jax.tree.map(jnp.zeros_like, theta)
+  pull, _ = opt.update(zeros, state, theta)
+  chex.assert_trees_all_close(pull, jax.grad(explicit)(theta), rtol=1e-5,
+                              atol=1e-6)
+
+
+def test_online_mode_follows_its_recurrence():
+  lam, gamma = 2.0, 0.5
+  opt = ewc_jax.ewc(lam, mode="online", gamma=gamma)
+  state = opt.init(PARAMS)
+  f_star = jax.tree.map(jnp.zeros_like, PARAMS)
+  for k in range(3):
+    anchor, f = random_tree(40 + k, PARAMS), random_fisher(50 + k, PARAMS)
+    state = ewc_jax.consolidate(state, anchor, f)
+    f_star = jax.tree.map(lambda a, b: gamma * a + b, f_star, f)
+  chex.assert_trees_all_close(state.curvature, f_star, rtol=1e-6)
+  theta = random_tree(60, PARAMS)
+  # One quadratic anchored at the LATEST parameters.
+  np.testing.assert_allclose(ewc_jax.penalty(theta, state),
+                             ewc_jax.ewc_penalty(theta, anchor, f_star, lam),
+                             rtol=1e-5)
+  pull, _ = opt.update(jax.tree.map(jnp.zeros_like, theta), state, theta)
+  chex.assert_trees_all_close(
+      pull, jax.grad(ewc_jax.ewc_penalty)(theta, anchor, f_star, lam),
+      rtol=1e-5, atol=1e-6)
+
+
+@pytest.mark.parametrize("wrap", ["chain", "inject", "masked", "ewc_mask",
+                                  "multi"])
+def test_consolidate_finds_the_state_and_step_traces_once(wrap):
+  params = random_tree(0, PARAMS)
+  mask = {"dense": {"kernel": True, "bias": False}, "scale": True}
+  if wrap == "chain":
+    opt = optax.chain(ewc_jax.ewc(1.5), optax.sgd(0.1))
+  elif wrap == "inject":
+    opt = optax.chain(optax.inject_hyperparams(ewc_jax.ewc)(lam=1.5),
+                      optax.sgd(0.1))
+  elif wrap == "masked":
+    opt = optax.chain(optax.masked(ewc_jax.ewc(1.5), mask), optax.sgd(0.1))
+  elif wrap == "ewc_mask":
+    opt = optax.chain(ewc_jax.ewc(1.5, mask=mask), optax.sgd(0.1))
+  else:
+    opt = optax.multi_transform(
+        {"a": optax.chain(ewc_jax.ewc(1.5), optax.sgd(0.1)),
+         "b": optax.sgd(0.1)},
+        {"dense": {"kernel": "a", "bias": "b"}, "scale": "a"})
+  state = opt.init(params)
+  shapes = jax.tree.map(jnp.shape, state)
+
+  traces = []
+
+  @jax.jit
+  def step(params, state):
+    traces.append(1)
+    g = jax.grad(loss_fn)(params, jnp.ones((2, 3)))
+    updates, state = opt.update(g, state, params)
+    return optax.apply_updates(params, updates), state
+
+  anchors = []
+  for k in range(3):
+    params, state = step(params, state)
+    anchors.append(params)
+    state = ewc_jax.consolidate(state, params, random_fisher(k, params))
+    assert jax.tree.map(jnp.shape, state) == shapes
+  params, state = step(params, state)
+  assert len(traces) == 1
+  # The pull is really active: the penalty is positive after moving away.
+  moved = jax.tree.map(lambda p: p + 1.0, params)
+  assert float(ewc_jax.penalty(moved, state)) > 0
+  if wrap in ("masked", "ewc_mask"):
+    # The bias is masked out: moving it alone costs nothing.
+    only_bias = {"dense": {"kernel": params["dense"]["kernel"],
+                           "bias": params["dense"]["bias"] + 5.0},
+                 "scale": params["scale"]}
+    np.testing.assert_allclose(ewc_jax.penalty(only_bias, state),
+                               ewc_jax.penalty(params, state), rtol=1e-6)
+
+
+def test_lam_is_schedulable_with_inject_hyperparams():
+  params, anchor = random_tree(0, PARAMS), random_tree(1, PARAMS)
+  fisher = random_fisher(2, PARAMS)
+  opt = optax.inject_hyperparams(ewc_jax.ewc)(lam=1.0)
+  state = ewc_jax.consolidate(opt.init(params), anchor, fisher)
+  zeros = jax.tree.map(jnp.zeros_like, params)
+  u1, state = opt.update(zeros, state, params)
+  state.hyperparams["lam"] = jnp.asarray(4.0)
+  u4, state = opt.update(zeros, state, params)
+  chex.assert_trees_all_close(jax.tree.map(lambda u: 4 * u, u1), u4,
+                              rtol=1e-6)
+  np.testing.assert_allclose(ewc_jax.penalty(params, state),
+                             ewc_jax.ewc_penalty(params, anchor, fisher, 4.0),
+                             rtol=1e-5)
+
+
+def test_dtypes_of_updates_are_kept():
+  params = jax.tree.map(lambda p: p.astype(jnp.bfloat16), PARAMS)
+  opt = ewc_jax.ewc(1.0)
+  state = ewc_jax.consolidate(opt.init(params), random_tree(1, params),
+                              random_fisher(2, params))
+  grads = jax.tree.map(lambda p: jnp.ones_like(p), params)
+  updates, new_state = opt.update(grads, state, params)
+  assert all(u.dtype == jnp.bfloat16 for u in jax.tree.leaves(updates))
+  assert jax.tree.map(lambda x: x.dtype, new_state) == jax.tree.map(
+      lambda x: x.dtype, state)
+
+
+def test_works_with_an_nnx_model_end_to_end():
+  model = models.NNXMLP([4, 8, 3], nnx.Rngs(0))
+  apply_fn, params = models.nnx_apply(model)
+  x = jax.random.normal(jax.random.key(1), (32, 4))
+  y = jax.random.randint(jax.random.key(2), (32,), 0, 3)
+  opt = optax.chain(ewc_jax.ewc(10.0), optax.adam(1e-2))
+  state = opt.init(params)
+  fisher = ewc_jax.fisher_diagonal(apply_fn, params, (x, y))
+  state = ewc_jax.consolidate(state, params, fisher)
+  anchor = params
+
+  def loss(p):  # a second task: push every logit to class 0
+    return -jnp.mean(jax.nn.log_softmax(apply_fn(p, x))[:, 0])
+
+  free = params
+  free_state = optax.adam(1e-2).init(params)
+  for _ in range(20):
+    u, state = opt.update(jax.grad(loss)(params), state, params)
+    params = optax.apply_updates(params, u)
+    fu, free_state = optax.adam(1e-2).update(jax.grad(loss)(free), free_state)
+    free = optax.apply_updates(free, fu)
+  # The pull keeps the parameters closer to the anchor (Fisher-weighted).
+  assert float(ewc_jax.ewc_penalty(params, anchor, fisher, 1.0)) < float(
+      ewc_jax.ewc_penalty(free, anchor, fisher, 1.0))
+
+
+@pytest.mark.parametrize("kwargs, match", [
+    (dict(lam=-1.0), "lam must be a finite number >= 0"),
+    (dict(lam=float("nan")), "lam must be a finite number >= 0"),
+    (dict(lam=float("inf")), "lam must be a finite number >= 0"),
+    (dict(lam=1.0, gamma=0.0), r"gamma must be a number in \(0, 1\]"),
+    (dict(lam=1.0, gamma=1.5), r"gamma must be a number in \(0, 1\]"),
+    (dict(lam=1.0, mode="sum"), "mode must be one of"),
+])
+def test_bad_hyperparameters_raise(kwargs, match):
+  with pytest.raises(ValueError, match=match):
+    ewc_jax.ewc(**kwargs)
+
+
+def test_update_without_params_raises():
+  opt = ewc_jax.ewc(1.0)
+  with pytest.raises(ValueError, match="needs the current parameters"):
+    opt.update(PARAMS, opt.init(PARAMS))
+
+
+def test_consolidate_rejects_bad_fisher_and_trees():
+  opt = optax.chain(ewc_jax.ewc(1.0), optax.sgd(0.1))
+  state = opt.init(PARAMS)
+  bad = {"dense": {"kernel": jnp.ones((3, 2)).at[0, 0].set(jnp.nan),
+                   "bias": jnp.ones(2)}, "scale": jnp.ones(())}
+  with pytest.raises(ValueError, match=r"fisher\['dense'\]\['kernel'\] has 1 "
+                                       "non-finite"):
+    ewc_jax.consolidate(state, PARAMS, bad)
+  neg = jax.tree.map(lambda x: -x, PARAMS)
+  with pytest.raises(ValueError, match="cannot be negative"):
+    ewc_jax.consolidate(state, PARAMS, neg)
+  missing = {"dense": {"kernel": jnp.ones((3, 2))}, "scale": jnp.ones(())}
+  with pytest.raises(ValueError, match=r"fisher lacks \[\"\['dense'\]\['bias'\]"):
+    ewc_jax.consolidate(state, PARAMS, missing)
+  wrong_shape = {"dense": {"kernel": jnp.ones((2, 3)), "bias": jnp.ones(2)},
+                 "scale": jnp.ones(())}
+  with pytest.raises(ValueError, match=r"\['dense'\]\['kernel'\] has shape"):
+    ewc_jax.consolidate(state, PARAMS, wrong_shape)
+  other = {"a": jnp.ones(2)}
+  with pytest.raises(ValueError, match="same tree structure"):
+    ewc_jax.consolidate(state, other, other)
+  with pytest.raises(ValueError, match="found no ewc_jax.ewc state"):
+    ewc_jax.consolidate(optax.sgd(0.1).init(PARAMS), PARAMS, PARAMS)
+
+
+def test_ewc_penalty_validates_its_arguments():
+  with pytest.raises(ValueError, match=r"anchor lacks"):
+    ewc_jax.ewc_penalty(PARAMS, {"scale": jnp.ones(())}, PARAMS, 1.0)
+  with pytest.raises(ValueError, match="lam must be"):
+    ewc_jax.ewc_penalty(PARAMS, PARAMS, PARAMS, -2.0)
