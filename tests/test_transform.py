@@ -244,7 +244,8 @@ def test_consolidate_rejects_bad_fisher_and_trees():
   with pytest.raises(ValueError, match="cannot be negative"):
     ewc_jax.consolidate(state, PARAMS, neg)
   missing = {"dense": {"kernel": jnp.ones((3, 2))}, "scale": jnp.ones(())}
-  with pytest.raises(ValueError, match=r"fisher lacks \[\"\['dense'\]\['bias'\]"):
+  with pytest.raises(ValueError,
+                     match=r"fisher lacks \[\"\['dense'\]\['bias'\]"):
     ewc_jax.consolidate(state, PARAMS, missing)
   wrong_shape = {"dense": {"kernel": jnp.ones((2, 3)), "bias": jnp.ones(2)},
                  "scale": jnp.ones(())}

@@ -1,0 +1,80 @@
+"""Tests for experiments.metrics against hand-computed values."""
+
+import numpy as np
+import pytest
+
+from experiments import metrics
+
+# R[i, j]: accuracy on task j after training task i. Task 0 improves after
+# task 1 (0.90 -> 0.95), so forgetting (from the best value) differs from -BWT.
+R = [
+  [0.90, 0.10, 0.20],
+  [0.95, 0.80, 0.30],
+  [0.60, 0.50, 0.90],
+]
+B = [0.10, 0.20, 0.10]
+
+
+def test_acc_by_hand():
+  # (0.6 + 0.5 + 0.9) / 3
+  assert metrics.acc(R) == pytest.approx(2.0 / 3.0)
+
+
+def test_bwt_by_hand():
+  # ((0.6 - 0.9) + (0.5 - 0.8)) / 2
+  assert metrics.bwt(R) == pytest.approx(-0.30)
+
+
+def test_fwt_by_hand():
+  # ((R[0,1] - b1) + (R[1,2] - b2)) / 2 = ((0.1 - 0.2) + (0.3 - 0.1)) / 2
+  assert metrics.fwt(R, B) == pytest.approx(0.05)
+
+
+def test_forgetting_by_hand():
+  # task 0: max(0.90, 0.95) - 0.60 = 0.35; task 1: max(0.10, 0.80) - 0.50 = 0.30
+  assert metrics.forgetting(R) == pytest.approx(0.325)
+
+
+def test_average_accuracy_curve_by_hand():
+  # [0.9, (0.95 + 0.8) / 2, (0.6 + 0.5 + 0.9) / 3]
+  np.testing.assert_allclose(
+    metrics.average_accuracy_curve(R), [0.90, 0.875, 2.0 / 3.0]
+  )
+
+
+def test_summarize():
+  assert metrics.summarize(R) == pytest.approx(
+    {"acc": 2.0 / 3.0, "bwt": -0.30, "forgetting": 0.325}
+  )
+  assert metrics.summarize(np.array(R), B)["fwt"] == pytest.approx(0.05)
+
+
+def test_perfect_memory_has_no_forgetting():
+  # Every task learnt to 1.0 and kept: nothing forgotten or transferred back.
+  R_keep = [[1.0, 0.0], [1.0, 1.0]]
+  assert metrics.bwt(R_keep) == 0.0
+  assert metrics.forgetting(R_keep) == 0.0
+  assert metrics.acc(R_keep) == 1.0
+
+
+def test_single_task_is_zero():
+  assert metrics.summarize([[0.7]], [0.1]) == {
+    "acc": 0.7,
+    "bwt": 0.0,
+    "forgetting": 0.0,
+    "fwt": 0.0,
+  }
+  np.testing.assert_allclose(metrics.average_accuracy_curve([[0.7]]), [0.7])
+
+
+@pytest.mark.parametrize(
+  "bad", [[[0.1, 0.2, 0.3], [0.4, 0.5, 0.6]], [0.1, 0.2], np.zeros((0, 0))]
+)
+def test_non_square_raises(bad):
+  with pytest.raises(ValueError, match=r"square T x T matrix.*got shape"):
+    metrics.acc(bad)
+
+
+def test_b_of_wrong_length_raises():
+  with pytest.raises(ValueError, match=r"b must have shape \(3,\)"):
+    metrics.fwt(R, [0.1, 0.2])
