@@ -17,7 +17,8 @@ Data = Union[Batch, Iterable[Batch]]
 
 
 def _f32_zeros(params):
-  return jax.tree.map(lambda p: jnp.zeros(jnp.shape(p), jnp.float32), params)
+  """Float32 zeros with each parameter's sharding (and shape)."""
+  return jax.tree.map(lambda p: jnp.zeros_like(p, jnp.float32), params)
 
 
 def _is_batch(data: Any) -> bool:
@@ -245,6 +246,7 @@ def fisher_diagonal(
     batch_size: int = 256,
     num_examples: Optional[int] = None,
     path: str = "auto",
+    sharding: Optional[jax.sharding.Sharding] = None,
 ) -> Any:
   r"""The diagonal Fisher information of a categorical classifier.
 
@@ -306,6 +308,11 @@ def fisher_diagonal(
     path: ``"auto"`` (the fast layer-wise path when the model's structure
       allows, else ``"vmap"``), ``"fast"`` (error if unsupported) or
       ``"vmap"`` (``jax.vmap`` over per-example VJPs; works for any model).
+    sharding: where each chunk's examples go, e.g.
+      ``NamedSharding(mesh, PartitionSpec("data"))``: the per-example work then
+      runs data-parallel and the sum is reduced across the data axis by XLA.
+      ``batch_size`` must be divisible by the number of shards. Parameters
+      may themselves be sharded (FSDP-style); the Fisher takes their sharding.
 
   Returns:
     A float32 pytree shaped like ``params``.
@@ -343,29 +350,39 @@ def fisher_diagonal(
           "data must be (inputs, labels) or an iterable of such pairs; got a "
           f"batch of type {type(chunk).__name__}.")
     inputs, labels = chunk
+    real = int(mask.sum())
     if num_classes is None:
       num_classes = _num_classes(apply_fn, params, inputs)
       chosen = _choose_path(path, apply_fn, params, inputs)
     if estimator in ("empirical", "batched"):
       if labels is None:
         raise ValueError(f'estimator="{estimator}" needs data labels.')
-      _check_labels(labels[: int(mask.sum())], num_classes)
+      _check_labels(labels[:real], num_classes)
     if labels is None:
       labels = np.zeros([batch_size], np.int32)
-    labels = jnp.asarray(labels, jnp.int32)
+    labels, mask = jnp.asarray(labels, jnp.int32), jnp.asarray(mask)
+    if sharding is not None:
+      inputs, labels, mask = jax.device_put((inputs, labels, mask), sharding)
     if estimator == "batched":
-      acc = _batched_step(apply_fn, acc, params, inputs, labels,
-                          jnp.asarray(mask))
+      acc = _batched_step(apply_fn, acc, params, inputs, labels, mask)
     else:
       acc = _fisher_step(apply_fn, estimator, num_samples, chosen, acc, params,
-                         inputs, labels, jax.random.fold_in(key, i),
-                         jnp.asarray(mask))
-    count += int(mask.sum())
+                         inputs, labels, jax.random.fold_in(key, i), mask)
+    count += real
     num_batches += 1
   if count == 0:
     raise ValueError("data holds no examples: the Fisher needs at least one.")
   denom = num_batches if estimator == "batched" else count
-  return jax.tree.map(lambda a: a / denom, acc)
+  return jax.tree.map(lambda a, p: _like(a / denom, p), acc, params)
+
+
+def _like(value, param):
+  """`value` placed with `param`'s sharding (XLA may have chosen another)."""
+  sharding = getattr(param, "sharding", None)
+  if sharding is None or not isinstance(param, jax.Array) or (
+      value.sharding.is_equivalent_to(sharding, param.ndim)):
+    return value
+  return jax.device_put(value, sharding)
 
 
 def _num_classes(apply_fn, params, inputs) -> int:
@@ -408,6 +425,7 @@ def empirical_fisher(
     *,
     batch_size: int = 64,
     num_examples: Optional[int] = None,
+    sharding: Optional[jax.sharding.Sharding] = None,
 ) -> Any:
   r"""The empirical diagonal Fisher of any model with a per-example loss.
 
@@ -436,6 +454,8 @@ def empirical_fisher(
       ``(inputs, targets)``), or an iterable of such batches.
     batch_size: examples per chunk.
     num_examples: use at most this many examples.
+    sharding: where each chunk's examples go (data parallelism), as in
+      :func:`fisher_diagonal`.
 
   Returns:
     A float32 pytree shaped like ``params``.
@@ -443,10 +463,13 @@ def empirical_fisher(
   acc = _f32_zeros(params)
   count = 0
   for chunk, mask in _chunks(data, batch_size, num_examples, "data"):
-    acc = _empirical_step(loss_fn, acc, params, chunk, jnp.asarray(mask))
-    count += int(mask.sum())
+    real, mask = int(mask.sum()), jnp.asarray(mask)
+    if sharding is not None:
+      chunk, mask = jax.device_put((chunk, mask), sharding)
+    acc = _empirical_step(loss_fn, acc, params, chunk, mask)
+    count += real
   if count == 0:
     raise ValueError("data holds no examples: the Fisher needs at least one.")
-  return jax.tree.map(lambda a: a / count, acc)
+  return jax.tree.map(lambda a, p: _like(a / count, p), acc, params)
 
 

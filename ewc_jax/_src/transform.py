@@ -133,7 +133,9 @@ def ewc(
   _check_lam(lam)
 
   def init_fn(params):
-    zeros = jax.tree.map(lambda p: jnp.zeros(jnp.shape(p), jnp.float32), params)
+    # zeros_like keeps each parameter's sharding: the pull needs no
+    # communication when parameters are sharded (FSDP-style).
+    zeros = jax.tree.map(lambda p: jnp.zeros_like(p, jnp.float32), params)
     return EWCState(
         curvature=zeros,
         center=zeros,

@@ -1,0 +1,25 @@
+"""Multi-device checks, on 4 simulated CPU devices in a subprocess.
+
+XLA_FLAGS must be set before jax is imported, so the checks live in
+tests/sharded_check.py and run in a fresh interpreter.
+"""
+
+import os
+import pathlib
+import subprocess
+import sys
+
+ROOT = pathlib.Path(__file__).resolve().parent.parent
+
+
+def test_sharded_fisher_and_train_step_match_single_device():
+  env = dict(os.environ, PYTHONPATH=str(ROOT),
+             XLA_FLAGS="--xla_force_host_platform_device_count=4")
+  proc = subprocess.run([sys.executable, str(ROOT / "tests" /
+                                             "sharded_check.py")],
+                        capture_output=True, text=True, env=env, timeout=600)
+  assert proc.returncode == 0, proc.stdout + proc.stderr
+  lines = proc.stdout.splitlines()
+  assert sum(line.startswith("ok fisher") for line in lines) == 6
+  assert any(line.startswith("ok empirical_fisher") for line in lines)
+  assert any(line.startswith("ok train step") for line in lines)
