@@ -373,7 +373,16 @@ def fisher_diagonal(
   if count == 0:
     raise ValueError("data holds no examples: the Fisher needs at least one.")
   denom = num_batches if estimator == "batched" else count
-  return jax.tree.map(lambda a, p: _like(a / denom, p), acc, params)
+  return _finished(jax.tree.map(lambda a, p: _like(a / denom, p), acc, params))
+
+
+def _finished(fisher):
+  try:
+    tree_lib.check_finite("the Fisher", fisher)
+  except ValueError as e:
+    raise ValueError(
+        f"{e} Check the data for nan/inf and the model's logits.") from None
+  return fisher
 
 
 def _like(value, param):
@@ -470,6 +479,6 @@ def empirical_fisher(
     count += real
   if count == 0:
     raise ValueError("data holds no examples: the Fisher needs at least one.")
-  return jax.tree.map(lambda a, p: _like(a / count, p), acc, params)
+  return _finished(jax.tree.map(lambda a, p: _like(a / count, p), acc, params))
 
 

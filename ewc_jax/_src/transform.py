@@ -3,6 +3,7 @@
 import dataclasses
 import functools
 import math
+import warnings
 from typing import Any, Callable, Optional, Union
 
 import chex
@@ -254,8 +255,11 @@ def consolidate(opt_state: Any, params: Any, fisher: Any) -> Any:
 
   Raises:
     ValueError: no EWC state in ``opt_state``; ``params`` or ``fisher`` not
-      shaped like the regularised parameters (the path is named); non-finite
-      or negative Fisher values.
+      shaped like the regularised parameters (the path is named); non-floating
+      dtypes; non-finite or negative Fisher values; non-finite params.
+
+  Warns:
+    UserWarning: when ``fisher`` is zero everywhere (the task adds nothing).
   """
   if not _find_states(opt_state):
     raise ValueError(
@@ -263,8 +267,15 @@ def consolidate(opt_state: Any, params: Any, fisher: Any) -> Any:
         "optimiser with ewc_jax.ewc(...) (e.g. optax.chain(ewc_jax.ewc(lam), "
         "optax.adam(lr))).")
   tree_lib.check_same_structure("params", params, "fisher", fisher)
+  tree_lib.check_floating("fisher", fisher)
+  tree_lib.check_floating("params", params)
   tree_lib.check_finite("fisher", fisher, nonnegative=True)
   tree_lib.check_finite("params", params)
+  if tree_lib.all_zero(fisher):
+    warnings.warn(
+        "consolidate got a Fisher that is zero everywhere: this task adds no "
+        "penalty (was the Fisher computed on the right data and model?).",
+        stacklevel=2)
   return jax.tree.map(
       lambda s: _fold(s, params, fisher) if _is_state(s) else s,
       opt_state, is_leaf=_is_state)

@@ -59,6 +59,22 @@ def is_concrete(x: Any) -> bool:
   return not isinstance(x, jax.core.Tracer)
 
 
+def check_floating(name: str, tree: Any) -> None:
+  """Raises a ValueError naming the first leaf whose dtype is not floating."""
+  for path, leaf in _paths(tree).items():
+    dtype = jax.numpy.result_type(getattr(leaf, "dtype", leaf))
+    if not jax.numpy.issubdtype(dtype, jax.numpy.floating):
+      raise ValueError(f"{name}{path} has dtype {dtype}; expected a floating "
+                       "dtype (float32, bfloat16, ...).")
+
+
+def all_zero(tree: Any) -> bool:
+  """True when every (concrete) leaf of ``tree`` is zero."""
+  leaves = [x for x in jax.tree.leaves(tree) if is_concrete(x)]
+  return bool(leaves) and all(not np.any(np.asarray(jax.device_get(x)))
+                              for x in leaves)
+
+
 def check_finite(name: str, tree: Any, *, nonnegative: bool = False) -> None:
   """Raises a ValueError naming the first leaf with a non-finite value.
 
