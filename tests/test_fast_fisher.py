@@ -108,3 +108,16 @@ def test_bfloat16_model_fast_path_accumulates_in_float32():
   assert all(v.dtype == jnp.float32 for v in jax.tree.leaves(got))
   # Both see bf16 activations; the fast path squares in float32.
   chex.assert_trees_all_close(got, want, rtol=0.1, atol=1e-4)
+
+
+def test_sub_chunks_and_padding_agree_with_vmap():
+  # 150 examples in chunks of 128: sub-chunks of 64 inside, the second chunk
+  # padded with masked examples.
+  apply_fn, params = nnx_mlp()
+  x = jax.random.normal(jax.random.key(3), (150, 64))
+  y = jax.random.randint(jax.random.key(4), (150,), 0, 3)
+  kw = dict(estimator="exact", batch_size=128)
+  chex.assert_trees_all_close(
+      ewc_jax.fisher_diagonal(apply_fn, params, (x, y), path="fast", **kw),
+      ewc_jax.fisher_diagonal(apply_fn, params, (x, y), path="vmap", **kw),
+      rtol=1e-5, atol=1e-9)

@@ -251,14 +251,18 @@ def _copy(tree: Any) -> Any:
 
 def _index_plan(key: jax.Array, n: int, batch_size: int,
                 num_steps: int) -> np.ndarray:
-  """``[num_steps, batch_size]`` rows: epochs of fresh permutations."""
+  """``[num_steps, batch_size]`` rows: epochs of fresh permutations.
+
+  Drawn on the host (a NumPy generator seeded by the key's bits): a device
+  permutation would compile once per data set size.
+  """
+  if jnp.issubdtype(key.dtype, jax.dtypes.prng_key):
+    key = jax.random.key_data(key)
+  gen = np.random.default_rng(np.asarray(key, np.uint32).ravel().tolist())
   per_epoch = n // batch_size
   epochs = -(-num_steps // per_epoch)
-  rows = [
-      np.asarray(jax.random.permutation(jax.random.fold_in(key, e), n))
-      [: per_epoch * batch_size].reshape(per_epoch, batch_size)
-      for e in range(epochs)
-  ]
+  rows = [gen.permutation(n)[: per_epoch * batch_size].reshape(
+      per_epoch, batch_size) for _ in range(epochs)]
   return np.concatenate(rows)[:num_steps].astype(np.int32)
 
 
@@ -539,9 +543,7 @@ def continual_fine_tune(
   _check_positive_int("fisher_examples", fisher_examples, allow_none=True)
   _num_examples(new_data, "new_data")  # fail before the costly importance
   start = time.perf_counter()
-  if importance is None and lam == 0.0:
-    importance = _f32_zeros(params)
-  elif importance is None:
+  if importance is None and lam > 0.0:
     if old_data is None:
       raise ValueError(
           "old_data is None: pass the old data set, or a precomputed "
@@ -552,9 +554,11 @@ def continual_fine_tune(
           batch_size=fisher_batch_size, num_examples=fisher_examples)
     except ValueError as e:
       raise ValueError(f"old_data: {e}") from e
-  importance = jax.block_until_ready(importance)
+  jax.block_until_ready(importance)
   importance_seconds = time.perf_counter() - start
-  opt_state = transform_lib.consolidate(tx.init(params), params, importance)
+  opt_state = tx.init(params)
+  if lam > 0.0:  # lam = 0: no pull, and a zero importance would be warned of
+    opt_state = transform_lib.consolidate(opt_state, params, importance)
   params, _, history = _fit(
       loss_fn, params, new_data, optimizer=optimizer, opt_state=opt_state,
       use_ewc=True, ewc_mask=_hashable_mask(mask), lam=lam,
