@@ -218,3 +218,12 @@ def test_logits_must_be_two_dimensional():
   with pytest.raises(ValueError, match=r"logits of shape \[batch, classes\]"):
     ewc_jax.fisher_diagonal(lambda p, x: x @ p["w"], params,
                             (jnp.ones((4, 3)), jnp.zeros(4, jnp.int32)))
+
+
+def test_pytree_inputs_take_the_vmap_path():
+  apply_fn, params, x, y = linear_softmax()
+  pytree_apply = lambda p, inp: apply_fn(p, inp["a"] + inp["b"])
+  got = ewc_jax.fisher_diagonal(pytree_apply, params,
+                                ({"a": x, "b": jnp.zeros_like(x)}, y),
+                                batch_size=16)
+  chex.assert_trees_all_close(got, closed_form(params, x), rtol=1e-5)

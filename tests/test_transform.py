@@ -263,3 +263,18 @@ def test_ewc_penalty_validates_its_arguments():
     ewc_jax.ewc_penalty(PARAMS, {"scale": jnp.ones(())}, PARAMS, 1.0)
   with pytest.raises(ValueError, match="lam must be"):
     ewc_jax.ewc_penalty(PARAMS, PARAMS, PARAMS, -2.0)
+
+
+def test_state_buffers_are_not_aliased_so_donation_works():
+  params = random_tree(0, PARAMS)
+  opt = optax.chain(ewc_jax.ewc(1.0, mode="online", gamma=0.9),
+                    optax.adam(1e-3))
+  state = opt.init(params)
+  step = jax.jit(lambda s, p: opt.update(jax.tree.map(jnp.ones_like, p), s,
+                                         p)[1], donate_argnums=(0,))
+  state = step(state, params)
+  state = ewc_jax.consolidate(state, params, random_fisher(1, params))
+  state = step(state, params)  # would fail: "donate the same buffer twice"
+  assert int(state[0].num_tasks) == 1
+  # params were not donated away through the state's centre.
+  assert bool(jnp.all(jnp.isfinite(params["scale"])))

@@ -314,6 +314,8 @@ def _plan(apply_fn, params, example) -> _Plan:
 
 def unsupported_reason(apply_fn, params, inputs) -> Optional[str]:
   """None when the fast path handles this model, else why it does not."""
+  if not hasattr(inputs, "shape"):
+    return "the inputs are a pytree; the fast path takes one input array"
   try:
     _plan(apply_fn, params, jax.ShapeDtypeStruct(inputs.shape[1:],
                                                  inputs.dtype))

@@ -148,6 +148,11 @@ def log_likelihood_cotangents(logits, labels, key, estimator, num_samples):
   return jax.lax.stop_gradient(u), jax.lax.stop_gradient(w)
 
 
+def _one(x):
+  """One example as a batch of one (inputs may be a pytree of arrays)."""
+  return jax.tree.map(lambda a: a[None], x)
+
+
 def _group_size(n: int, most: int = 8) -> int:
   return max(g for g in range(1, min(most, n) + 1) if n % g == 0)
 
@@ -164,19 +169,20 @@ def _vmap_chunk_sum(apply_fn, estimator, num_samples, params, inputs, labels,
   strided loop, while the unrolled sum fuses into one kernel (about 85x
   faster), and larger groups stop fusing. Memory is O(8 x K x #params).
   """
-  size = _group_size(inputs.shape[0])
+  size = _group_size(mask.shape[0])
   cotangents = jax.vmap(log_likelihood_cotangents,
                         in_axes=(0, 0, 0, None, None))
 
   def body_many(i, acc):
-    take = lambda a: jax.lax.dynamic_slice_in_dim(a, i * size, size)
+    take = lambda a: jax.tree.map(
+        lambda b: jax.lax.dynamic_slice_in_dim(b, i * size, size), a)
     xs, ys, ks, ms = take(inputs), take(labels), take(keys), take(mask)
     # A copy of the parameters per example: the VJP with respect to the
     # copies is the per-example gradient, and one forward pass serves all K.
     copies = jax.tree.map(lambda p: jnp.broadcast_to(p, (size,) + p.shape),
                           params)
     logits, vjp_fn = jax.vjp(
-        lambda ps: jax.vmap(lambda p, x: apply_fn(p, x[None])[0])(ps, xs),
+        lambda ps: jax.vmap(lambda p, x: apply_fn(p, _one(x))[0])(ps, xs),
         copies)
     u, w = cotangents(logits, ys, ks, estimator, num_samples)
     u, w = u.astype(logits.dtype), w * ms[:, None]
@@ -190,13 +196,14 @@ def _vmap_chunk_sum(apply_fn, estimator, num_samples, params, inputs, labels,
     return jax.lax.fori_loop(0, u.shape[1], add_class, acc)
 
   def one(x, y, key, m):
-    logits, vjp_fn = jax.vjp(lambda p: apply_fn(p, x[None])[0], params)
+    logits, vjp_fn = jax.vjp(lambda p: apply_fn(p, _one(x))[0], params)
     u, w = log_likelihood_cotangents(logits, y, key, estimator, num_samples)
     return vjp_fn(u[0].astype(logits.dtype))[0], w[0] * m
 
   def body_single(i, acc):
     # One cotangent per example (empirical, or one sample): no copies needed.
-    take = lambda a: jax.lax.dynamic_slice_in_dim(a, i * size, size)
+    take = lambda a: jax.tree.map(
+        lambda b: jax.lax.dynamic_slice_in_dim(b, i * size, size), a)
     g, w = jax.vmap(one)(take(inputs), take(labels), take(keys), take(mask))
     return jax.tree.map(
         lambda a, gi: a + sum(w[e] * jnp.square(gi[e].astype(jnp.float32))
@@ -204,7 +211,7 @@ def _vmap_chunk_sum(apply_fn, estimator, num_samples, params, inputs, labels,
 
   single = estimator == "empirical" or (
       estimator == "sampled" and num_samples == 1)
-  return jax.lax.fori_loop(0, inputs.shape[0] // size,
+  return jax.lax.fori_loop(0, mask.shape[0] // size,
                            body_single if single else body_many,
                            _f32_zeros(params))
 
@@ -212,7 +219,7 @@ def _vmap_chunk_sum(apply_fn, estimator, num_samples, params, inputs, labels,
 @functools.partial(jax.jit, static_argnums=(0, 1, 2, 3), donate_argnums=(4,))
 def _fisher_step(apply_fn, estimator, num_samples, path, acc, params, inputs,
                  labels, key, mask):
-  keys = jax.random.split(key, inputs.shape[0])
+  keys = jax.random.split(key, mask.shape[0])
   if path == "fast":
     from ewc_jax._src import fast  # noqa: PLC0415 (optional fast path)
     total = fast.chunk_sum(apply_fn, estimator, num_samples, params, inputs,
@@ -270,7 +277,9 @@ def fisher_diagonal(
 
   Per-example gradients are taken in chunks of ``batch_size`` (padded to one
   shape, so the step compiles once) and their squares are summed on device:
-  peak memory is O(batch_size x #params) whatever the dataset size.
+  peak memory is O(batch_size x #params) whatever the dataset size. The
+  compiled step is cached per ``apply_fn`` object: reuse the same function
+  across tasks (a new lambda each time compiles again).
 
   The Fisher pass changes no model state: ``apply_fn`` must be a pure
   evaluation-mode function (dropout off, batch-norm statistics read, not
@@ -304,7 +313,8 @@ def fisher_diagonal(
     num_samples: labels drawn per example by ``"sampled"``.
     batch_size: examples per chunk (and the mini-batch of ``"batched"``).
     num_examples: use at most this many examples (a budget, like van de Ven's
-      ``--fisher-n``); ``None`` uses all.
+      ``--fisher-n``): the FIRST ones, in data order, so shuffle class-sorted
+      data first; ``None`` uses all.
     path: ``"auto"`` (the fast layer-wise path when the model's structure
       allows, else ``"vmap"``), ``"fast"`` (error if unsupported) or
       ``"vmap"`` (``jax.vmap`` over per-example VJPs; works for any model).

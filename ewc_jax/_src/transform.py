@@ -136,10 +136,11 @@ def ewc(
   def init_fn(params):
     # zeros_like keeps each parameter's sharding: the pull needs no
     # communication when parameters are sharded (FSDP-style).
-    zeros = jax.tree.map(lambda p: jnp.zeros_like(p, jnp.float32), params)
+    zeros = lambda: jax.tree.map(  # noqa: E731 (fresh buffers for each)
+        lambda p: jnp.zeros_like(p, jnp.float32), params)
     return EWCState(
-        curvature=zeros,
-        center=zeros,
+        curvature=zeros(),
+        center=zeros(),
         residual=jnp.zeros([], jnp.float32),
         lam=jnp.asarray(lam, jnp.float32),
         gamma=jnp.asarray(gamma, jnp.float32),
@@ -199,7 +200,9 @@ def _fold(s: EWCState, params, fisher) -> EWCState:
   if s.mode == "online":
     curvature = leaves(lambda a, f: s.gamma * a + f32(f), s.curvature,
                        fisher)
-    center = leaves(lambda c, p: f32(p), s.center, params)
+    # A copy: the state must not alias the caller's params (donation).
+    center = leaves(lambda c, p: jnp.array(p, jnp.float32, copy=True),
+                    s.center, params)
     residual = jnp.zeros([], jnp.float32)
   else:
     def new_center(a, c, f, p):
