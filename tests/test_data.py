@@ -335,3 +335,10 @@ def test_load_dataset_errors():
     data.load_dataset("cifar")
   with pytest.raises(ValueError, match="'idx' needs data_dir"):
     data.load_dataset("idx")
+
+
+def test_embedded_train_order_is_not_sorted_by_class():
+  ds = data.load_embedded()
+  # Every class appears among the first 100 training examples.
+  assert len(np.unique(ds.train_y[:100])) == 10
+  assert len(np.unique(ds.test_y[:100])) == 10
