@@ -4,6 +4,7 @@ Diagonal Fisher estimators on any params pytree, and the EWC pull as an optax
 gradient transformation.
 """
 
+from ewc_jax import continual
 from ewc_jax._src.fisher import ESTIMATORS
 from ewc_jax._src.fisher import empirical_fisher
 from ewc_jax._src.fisher import fisher_diagonal
@@ -19,6 +20,7 @@ __all__ = [
     "ESTIMATORS",
     "EWCState",
     "consolidate",
+    "continual",
     "empirical_fisher",
     "ewc",
     "ewc_penalty",

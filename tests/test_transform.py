@@ -278,3 +278,15 @@ def test_state_buffers_are_not_aliased_so_donation_works():
   assert int(state[0].num_tasks) == 1
   # params were not donated away through the state's centre.
   assert bool(jnp.all(jnp.isfinite(params["scale"])))
+
+
+def test_first_task_centre_is_exactly_the_anchor():
+  # (F * p) / F would round; the centre must be p itself, so that the pull
+  # is exactly zero at the anchor (Adam would magnify any residue).
+  params = jax.tree.map(lambda x: x * 0.1 + 1e-3, random_tree(8, PARAMS))
+  fisher = jax.tree.map(lambda x: 1e-30 + x * 1e-3, random_fisher(9, PARAMS))
+  state = ewc_jax.consolidate(ewc_jax.ewc(1.0).init(params), params, fisher)
+  chex.assert_trees_all_equal(state.center, params)
+  pull, _ = ewc_jax.ewc(1.0).update(
+      jax.tree.map(jnp.zeros_like, params), state, params)
+  assert all(not np.any(np.asarray(u)) for u in jax.tree.leaves(pull))

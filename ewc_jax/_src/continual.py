@@ -28,10 +28,6 @@ Callback = Callable[[int, Any], Mapping[str, Any]]
 DEFAULT_OPTIMIZER = optax.adam(5e-5)
 
 
-def _f32_zeros(params: Any) -> Any:
-  return jax.tree.map(lambda p: jnp.zeros(jnp.shape(p), jnp.float32), params)
-
-
 def _check_positive_int(name: str, value: Any, *, allow_none: bool = False):
   if value is None and allow_none:
     return
@@ -59,13 +55,6 @@ def _mean_loss(loss_fn: LossFn, params: Any, batch: Any,
   if mask is None:
     return jnp.mean(losses)
   return jnp.sum(mask * losses) / jnp.sum(mask)
-
-
-@functools.partial(jax.jit, static_argnums=(0,), donate_argnums=(1,))
-def _batched_step(loss_fn, acc, params, chunk, mask):
-  g = jax.grad(lambda p: _mean_loss(loss_fn, p, chunk, mask))(params)
-  return jax.tree.map(
-      lambda a, gi: a + jnp.square(gi.astype(jnp.float32)), acc, g)
 
 
 def compute_importance(
@@ -143,20 +132,9 @@ def compute_importance(
     raise ValueError(
         f"estimator must be one of {IMPORTANCE_ESTIMATORS}, got "
         f"{estimator!r}.")
-  if estimator == "empirical":
-    return fisher_lib.empirical_fisher(
-        loss_fn, params, data, batch_size=batch_size,
-        num_examples=num_examples)
-  acc = _f32_zeros(params)
-  num_batches = 0
-  for chunk, mask in fisher_lib._chunks(  # noqa: SLF001 (same package)
-      data, batch_size, num_examples, "data"):
-    acc = _batched_step(loss_fn, acc, params, chunk, jnp.asarray(mask))
-    num_batches += 1
-  if num_batches == 0:
-    raise ValueError(
-        "data holds no examples: the importance needs at least one.")
-  return jax.tree.map(lambda a: a / num_batches, acc)
+  return fisher_lib.empirical_fisher(
+      loss_fn, params, data, estimator=estimator, batch_size=batch_size,
+      num_examples=num_examples)
 
 
 @functools.partial(jax.jit, static_argnums=(0,))

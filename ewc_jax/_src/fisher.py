@@ -437,11 +437,22 @@ def _empirical_step(loss_fn, acc, params, chunk, mask):
           "b,b...->...", mask, jnp.square(g.astype(jnp.float32))), acc, grads)
 
 
+@functools.partial(jax.jit, static_argnums=(0,), donate_argnums=(1,))
+def _batched_loss_step(loss_fn, acc, params, chunk, mask):
+  def mean_loss(p):
+    losses = jax.vmap(loss_fn, in_axes=(None, 0))(p, chunk)
+    return jnp.sum(mask * losses.astype(jnp.float32)) / jnp.sum(mask)
+
+  return jax.tree.map(lambda a, g: a + jnp.square(g.astype(jnp.float32)),
+                      acc, jax.grad(mean_loss)(params))
+
+
 def empirical_fisher(
     loss_fn: Callable[[Any, Any], jax.Array],
     params: Any,
     data: Any,
     *,
+    estimator: str = "empirical",
     batch_size: int = 64,
     num_examples: Optional[int] = None,
     sharding: Optional[jax.sharding.Sharding] = None,
@@ -465,13 +476,19 @@ def empirical_fisher(
     >>> float(f['w'])  # mean of (x^2 w)^2 = (1 + 16) / 2
     8.5
 
+  With ``estimator="batched"`` it returns instead the square of each
+  mini-batch's MEAN gradient averaged over batches of ``batch_size`` (what
+  the PyTorch snippet and Avalanche compute; about ``F / batch_size``, not a
+  Fisher), for comparison.
+
   Args:
     loss_fn: ``loss_fn(params, example) -> scalar`` for one example, where
       ``example`` is one slice (no leading axis) of ``data``'s arrays.
     params: the parameter pytree.
     data: a pytree of arrays with a leading example axis (e.g. a tuple
       ``(inputs, targets)``), or an iterable of such batches.
-    batch_size: examples per chunk.
+    estimator: ``"empirical"`` (per-example) or ``"batched"``.
+    batch_size: examples per chunk (the mini-batch of ``"batched"``).
     num_examples: use at most this many examples.
     sharding: where each chunk's examples go (data parallelism), as in
       :func:`fisher_diagonal`.
@@ -479,16 +496,21 @@ def empirical_fisher(
   Returns:
     A float32 pytree shaped like ``params``.
   """
+  if estimator not in ("empirical", "batched"):
+    raise ValueError(
+        f'estimator must be "empirical" or "batched", got {estimator!r}.')
+  step = _empirical_step if estimator == "empirical" else _batched_loss_step
   acc = _f32_zeros(params)
-  count = 0
+  count, num_batches = 0, 0
   for chunk, mask in _chunks(data, batch_size, num_examples, "data"):
     real, mask = int(mask.sum()), jnp.asarray(mask)
     if sharding is not None:
       chunk, mask = jax.device_put((chunk, mask), sharding)
-    acc = _empirical_step(loss_fn, acc, params, chunk, mask)
-    count += real
+    acc = step(loss_fn, acc, params, chunk, mask)
+    count, num_batches = count + real, num_batches + 1
   if count == 0:
     raise ValueError("data holds no examples: the Fisher needs at least one.")
-  return _finished(jax.tree.map(lambda a, p: _like(a / count, p), acc, params))
+  denom = count if estimator == "empirical" else num_batches
+  return _finished(jax.tree.map(lambda a, p: _like(a / denom, p), acc, params))
 
 

@@ -206,9 +206,10 @@ def _fold(s: EWCState, params, fisher) -> EWCState:
     residual = jnp.zeros([], jnp.float32)
   else:
     def new_center(a, c, f, p):
+      # c + F / (A + F) (p - c): exactly the anchor p for the first task.
       total = a + f32(f)
-      mixed = (a * c + f32(f) * f32(p)) / jnp.where(total > 0, total, 1.0)
-      return jnp.where(total > 0, mixed, f32(p))
+      share = f32(f) / jnp.where(total > 0, total, 1.0)
+      return jnp.where(total > 0, c + share * (f32(p) - c), f32(p))
 
     def gap(a, c, f, p):
       # Combining A(x-c)^2 and F(x-p)^2 leaves A F / (A + F) (c - p)^2.
