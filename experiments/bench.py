@@ -37,6 +37,7 @@ from flax import nnx
 
 import ewc_jax
 from ewc_jax._src import fisher as fisher_lib
+from experiments import files
 
 
 class MLP(nnx.Module):
@@ -249,11 +250,7 @@ def environment():
 
 
 def write_json(path, obj):
-  """Atomic: a crash never leaves a half-written file."""
-  tmp = f"{path}.tmp{os.getpid()}"
-  with open(tmp, "w") as f:
-    json.dump(obj, f, indent=2, default=str)
-  os.replace(tmp, path)
+  files.write_atomic(path, json.dumps(obj, indent=2, default=str))
 
 
 def main(argv=None):

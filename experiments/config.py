@@ -15,6 +15,8 @@ so the quadratic pull uses ``lam = 2 c``; ``si_c`` is stored as ``c``.
 """
 
 import dataclasses
+import math
+import numbers
 import typing
 from typing import Any, Optional
 
@@ -28,6 +30,9 @@ OPTIMIZERS = ("adam", "sgd")
 # The field holding each regularised method's strength sweep.
 LAM_FIELDS = {"ewc": "lam", "online_ewc": "online_lam", "l2": "l2_lam",
               "si": "si_c"}
+# Fields that change how a run is shown or kept, never its results: a run
+# may be resumed with other values.
+RESULT_NEUTRAL = ("progress", "keep_checkpoints")
 
 
 @dataclasses.dataclass(frozen=True)
@@ -71,6 +76,13 @@ class Config:
     fisher_batch_size: chunk size of the Fisher pass.
     seeds: one run per seed (model init, data order, task stream).
     eval_batch_size: batch size of the jitted evaluation.
+    checkpoint_every: within a task, checkpoint every this many optimiser
+      steps (a checkpoint also follows every task). Chunk boundaries never
+      change the results: each step's mini-batch and dropout key depend only
+      on (seed, task, step).
+    keep_checkpoints: keep each finished run's last checkpoint (final
+      parameters and optimiser state); by default it is deleted once the
+      run's results are in ``runs.json``.
     progress: show tqdm progress bars.
   """
 
@@ -107,6 +119,8 @@ class Config:
   fisher_batch_size: int = 256
   seeds: tuple[int, ...] = (0, 1, 2)
   eval_batch_size: int = 1000
+  checkpoint_every: int = 1000
+  keep_checkpoints: bool = False
   progress: bool = True
 
   def replace(self, **changes: Any) -> "Config":
@@ -124,6 +138,77 @@ class Config:
             for k, v in dataclasses.asdict(self).items()}
 
 
+def from_json(values: dict[str, Any]) -> Config:
+  """The inverse of :meth:`Config.to_json`: lists become tuples, validated.
+
+  Fields missing from ``values`` (a file written before they existed) take
+  their defaults.
+
+  Raises:
+    ValueError: an unknown field, or a value that :func:`validate` rejects.
+  """
+  if not isinstance(values, dict):
+    raise ValueError(
+        f"a saved config must be a JSON object, got {type(values).__name__}.")
+  hints = typing.get_type_hints(Config)
+  unknown = sorted(set(values) - set(hints))
+  if unknown:
+    raise ValueError(
+        f"unknown config field(s) {unknown}; valid fields: "
+        f"{', '.join(sorted(hints))}.")
+  return validate(Config(**{k: tuple(v) if isinstance(v, list) else v
+                            for k, v in values.items()}))
+
+
+def differences(saved: Config, new: Config,
+                ignore: tuple[str, ...] = RESULT_NEUTRAL
+                ) -> list[tuple[str, Any, Any]]:
+  """The fields where two configs differ, as ``(field, saved, new)``.
+
+  Args:
+    saved: the configuration a run was started with.
+    new: the configuration it would continue with.
+    ignore: fields that may differ (by default those that never change
+      results, :data:`RESULT_NEUTRAL`).
+
+  Returns:
+    The differing fields, in declaration order.
+  """
+  return [(f.name, getattr(saved, f.name), getattr(new, f.name))
+          for f in dataclasses.fields(Config)
+          if f.name not in ignore
+          and getattr(saved, f.name) != getattr(new, f.name)]
+
+
+def _check_type(name: str, value: Any, kind: Any) -> None:
+  """Raises a ValueError naming ``name`` unless ``value`` is a ``kind``."""
+  origin, args = typing.get_origin(kind), typing.get_args(kind)
+  if origin is typing.Union:  # Optional[X]
+    if value is not None:
+      _check_type(name, value, next(a for a in args if a is not type(None)))
+    return
+  if origin is tuple:
+    if not isinstance(value, tuple):
+      raise ValueError(
+          f"{name} must be a tuple, got {type(value).__name__} {value!r}.")
+    for item in value:
+      _check_type(f"each entry of {name}", item, args[0])
+    return
+  valid = {
+      bool: isinstance(value, bool),
+      int: isinstance(value, numbers.Integral) and not isinstance(value, bool),
+      float: isinstance(value, numbers.Real) and not isinstance(value, bool),
+      str: isinstance(value, str),
+  }[kind]
+  if not valid:
+    article = "an" if kind.__name__[0] in "aeiou" else "a"
+    raise ValueError(
+        f"{name} must be {article} {kind.__name__}, got "
+        f"{type(value).__name__} {value!r}.")
+  if kind is float and not math.isfinite(value):
+    raise ValueError(f"{name} must be a finite number, got {value!r}.")
+
+
 def validate(config: Config) -> Config:
   """Checks the fields that would otherwise fail late or silently.
 
@@ -136,6 +221,9 @@ def validate(config: Config) -> Config:
   Raises:
     ValueError: naming the offending field.
   """
+  hints = typing.get_type_hints(Config)
+  for field in dataclasses.fields(Config):
+    _check_type(field.name, getattr(config, field.name), hints[field.name])
   unknown = [m for m in config.methods if m not in METHODS]
   if unknown or not config.methods:
     raise ValueError(
@@ -158,9 +246,21 @@ def validate(config: Config) -> Config:
     raise ValueError(
         f"optimizer must be one of {OPTIMIZERS}, got {config.optimizer!r}.")
   for name in ("num_tasks", "batch_size", "epochs", "eval_batch_size",
-               "fisher_batch_size"):
+               "fisher_batch_size", "cnn_hidden", "checkpoint_every"):
     if getattr(config, name) < 1:
       raise ValueError(f"{name} must be >= 1, got {getattr(config, name)}.")
+  for name in ("hidden", "channels"):
+    if any(width < 1 for width in getattr(config, name)):
+      raise ValueError(
+          f"{name} (layer widths) must all be >= 1, got "
+          f"{list(getattr(config, name))}.")
+  if config.learning_rate <= 0:
+    raise ValueError(
+        f"learning_rate must be > 0, got {config.learning_rate}.")
+  for name in ("b1", "b2", "momentum", "dropout"):
+    if not 0.0 <= getattr(config, name) < 1.0:
+      raise ValueError(
+          f"{name} must be in [0, 1), got {getattr(config, name)}.")
   for name in ("iterations", "train_examples", "fisher_examples"):
     value = getattr(config, name)
     if value is not None and value < 1:
@@ -171,12 +271,21 @@ def validate(config: Config) -> Config:
       raise ValueError(
           f"{field} ({method}'s strength sweep) must be a non-empty list of "
           f"numbers >= 0, got {list(values)}.")
+    if len(set(values)) != len(values):
+      raise ValueError(
+          f"{field} ({method}'s strength sweep) lists a value twice: "
+          f"{list(values)}.")
   if not 0.0 < config.gamma <= 1.0:
     raise ValueError(f"gamma must be in (0, 1], got {config.gamma}.")
   if config.si_xi <= 0:
     raise ValueError(f"si_xi must be > 0, got {config.si_xi}.")
   if not config.seeds:
     raise ValueError("seeds must name at least one seed.")
+  if any(not 0 <= seed < 2**32 for seed in config.seeds):
+    raise ValueError(
+        f"seeds must be integers in [0, 2**32), got {list(config.seeds)}.")
+  if len(set(config.seeds)) != len(config.seeds):
+    raise ValueError(f"seeds lists a seed twice: {list(config.seeds)}.")
   if not 0.0 < config.val_fraction < 1.0:
     raise ValueError(
         f"val_fraction must be in (0, 1) (lambda is chosen on the validation "

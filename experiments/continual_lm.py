@@ -40,7 +40,6 @@ import os
 import pathlib
 import sys
 import sysconfig
-import tempfile
 import time
 from typing import Any, Optional, Sequence
 
@@ -51,6 +50,7 @@ import optax
 
 from ewc_jax import continual
 from experiments import lm_model
+from experiments.files import write_atomic
 
 METHODS = ("finetune", "ewc", "batched")
 DTYPES = {"float32": jnp.float32, "bfloat16": jnp.bfloat16}
@@ -455,23 +455,6 @@ def plot(results: dict[str, Any]) -> bytes:
   fig.savefig(buf, format="png")
   plt.close(fig)
   return buf.getvalue()
-
-
-def write_atomic(path: pathlib.Path, data: Any) -> None:
-  """Writes ``data`` (str or bytes) to a temporary file, then renames it."""
-  path = pathlib.Path(path)
-  mode = "wb" if isinstance(data, bytes) else "w"
-  fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.",
-                             suffix=".tmp")
-  try:
-    with os.fdopen(fd, mode) as f:
-      f.write(data)
-    os.chmod(tmp, 0o644)  # mkstemp makes it private
-    os.replace(tmp, path)
-  except BaseException:
-    if os.path.exists(tmp):
-      os.unlink(tmp)
-    raise
 
 
 def write_outputs(results: dict[str, Any], out: pathlib.Path) -> None:

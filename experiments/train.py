@@ -24,18 +24,32 @@ drawn on device from data already on device. The optimiser state keeps its
 shapes across tasks and holds ``lam`` (an injected hyperparameter), so the
 jitted chunk is traced once per model, pull mode and data shape: every task,
 lambda and seed reuses it.
+
+Never losing a run. :func:`run_experiment` checkpoints every (method, lambda,
+seed) run with orbax (:mod:`experiments.checkpoint`) after each task and every
+``config.checkpoint_every`` steps within a task, and writes each finished
+run's results atomically to ``runs.json``. ``run_experiment(..., resume=True)``
+(``--resume RUN_DIR``) reads the finished runs back and continues the
+interrupted one from its last checkpoint. Step ``s`` of task ``t`` draws its
+mini-batch and dropout key from ``(seed, t, s)`` alone, so a resumed run ends
+with the same accuracy matrix, bit for bit, as an uninterrupted one. The loss
+is checked once per chunk, on the host: a non-finite loss stops the run with
+:class:`TrainingDiverged` and the last good checkpoint is kept.
 """
 
 import dataclasses
 import datetime
 import functools
+import hashlib
 import json
+import math
 import os
 import pathlib
+import shutil
+import signal
 import sys
-import tempfile
 import time
-from typing import Any, Optional, Sequence
+from typing import Any, Callable, Optional, Sequence
 
 import jax
 import jax.numpy as jnp
@@ -44,11 +58,36 @@ import optax
 import tqdm
 
 import ewc_jax
+from experiments import checkpoint as checkpoint_lib
 from experiments import config as config_lib
 from experiments import data as data_lib
+from experiments import files
 from experiments import metrics as metrics_lib
 from experiments import models
 from experiments import tasks as tasks_lib
+
+
+class DataError(ValueError):
+  """The data of a task stream cannot be trained on (the message says why)."""
+
+
+class TrainingDiverged(FloatingPointError):
+  """The training loss (or a state to checkpoint) became nan or inf."""
+
+
+# Test hook: a process that has run at least this many optimiser steps (over
+# all its runs) kills itself with SIGKILL at the next chunk boundary, as a
+# crash or a pre-emption would. Unset, it costs one dict lookup per chunk.
+CRASH_ENV = "EWC_JAX_CRASH_AT_STEP"
+_steps_run = 0
+
+
+def _crash_hook(steps: int) -> None:
+  global _steps_run
+  _steps_run += steps
+  limit = os.environ.get(CRASH_ENV)
+  if limit and _steps_run >= int(limit):
+    os.kill(os.getpid(), signal.SIGKILL)
 
 
 # ----------------------------------------------------------------------------
@@ -175,9 +214,71 @@ class Stream:
     return len(self.tasks)
 
 
+def check_tasks(tasks: Sequence[tasks_lib.Task]) -> None:
+  """Rejects task data that would train silently wrong, before any training.
+
+  Every split of every task must hold at least one example, float images
+  ``[n, 28, 28]`` with finite values (the loaders scale bytes to [0, 1]),
+  and as many integer labels, each one of the task's classes.
+
+  Args:
+    tasks: from :func:`experiments.tasks.make_tasks`.
+
+  Raises:
+    DataError: naming the task, the split and what is wrong.
+  """
+  if not tasks:
+    raise DataError("the task stream holds no tasks.")
+  for t, task in enumerate(tasks):
+    for split in ("train", "val", "test"):
+      x, y = getattr(task, f"{split}_x"), getattr(task, f"{split}_y")
+      where = f"task {t} ({task.name}) {split} split"
+      x, y = np.asarray(x), np.asarray(y)
+      if x.ndim != 3 or x.shape[1:] != data_lib.IMAGE_SHAPE:
+        raise DataError(
+            f"{where}: images must have shape [n, 28, 28], got {x.shape}.")
+      if not np.issubdtype(x.dtype, np.floating):
+        raise DataError(
+            f"{where}: images have dtype {x.dtype}; expected floating point "
+            "values in [0, 1] (experiments.data scales 0..255 bytes).")
+      if y.ndim != 1 or len(y) != len(x):
+        raise DataError(
+            f"{where}: labels must have shape [{len(x)}] (one per image), "
+            f"got {y.shape}.")
+      if not np.issubdtype(y.dtype, np.integer):
+        raise DataError(
+            f"{where}: labels have dtype {y.dtype}; expected integers.")
+      if len(y) == 0:
+        raise DataError(f"{where} holds no examples.")
+      finite = np.isfinite(x).reshape(len(x), -1).all(axis=1)
+      if not finite.all():
+        bad = np.flatnonzero(~finite)
+        raise DataError(
+            f"{where}: {len(bad)} image(s) hold nan or inf values (first at "
+            f"example {bad[0]}); fix the data before training.")
+      stray = np.setdiff1d(np.unique(y), task.classes)
+      if stray.size:
+        raise DataError(
+            f"{where}: labels {stray[:5].tolist()} are not among the task's "
+            f"classes {list(task.classes)}.")
+
+
+def check_stream(stream: "Stream", config: config_lib.Config) -> None:
+  """Rejects a stream that ``config`` cannot train on, before any training.
+
+  Raises:
+    DataError: a task has fewer training examples than one mini-batch.
+  """
+  for t, split in enumerate(stream.train):
+    if split.n < config.batch_size:
+      raise DataError(
+          f"task {t} ({stream.tasks[t].name}) has {split.n} training "
+          f"examples, fewer than batch_size {config.batch_size}.")
+
+
 def make_stream(tasks: Sequence[tasks_lib.Task], *, eval_batch_size: int,
                 train_examples: Optional[int] = None) -> Stream:
-  """Moves a task sequence to the device.
+  """Checks a task sequence (:func:`check_tasks`) and moves it to the device.
 
   Args:
     tasks: from :func:`experiments.tasks.make_tasks`.
@@ -186,7 +287,11 @@ def make_stream(tasks: Sequence[tasks_lib.Task], *, eval_batch_size: int,
 
   Returns:
     The :class:`Stream`.
+
+  Raises:
+    DataError: the data cannot be trained on (see :func:`check_tasks`).
   """
+  check_tasks(tasks)
   tasks = tuple(_cap(t, train_examples) for t in tasks)
   num_outputs(tasks)
 
@@ -351,14 +456,18 @@ def _step(graphdef, tx, dropout, state: State, x, y, class_mask, key):
                    donate_argnums=(5,))
 def train_chunk(graphdef, tx, batch_size: int, max_steps: int, dropout: bool,
                 state: State, split: DeviceSplit, num_steps: jax.Array,
-                masks: jax.Array, key: jax.Array):
+                masks: jax.Array, key: jax.Array, offset: jax.Array = 0):
   """Runs ``num_steps`` optimiser steps as ONE ``jax.lax.scan``.
 
-  Mini-batches are drawn without replacement from a fresh permutation of the
+  Mini-batches are drawn without replacement from a permutation of the
   split's real examples (padding rows never enter a batch), made on device
-  from ``key``. The scan has the static length ``max_steps``; steps from
-  ``num_steps`` on are skipped with ``jax.lax.cond``, so tasks of different
-  sizes and a last partial chunk use the same compiled function.
+  from ``key``, the key of one epoch. Step ``i`` of the chunk takes
+  mini-batch ``offset + i`` of that permutation and the dropout key
+  ``fold_in(., offset + i)``: an epoch split into several chunks (at a
+  checkpoint, or a restart) trains exactly as one chunk would. The scan has
+  the static length ``max_steps``; steps from ``num_steps`` on are skipped
+  with ``jax.lax.cond``, so tasks of different sizes and a last partial
+  chunk use the same compiled function.
 
   Args:
     graphdef: the model's graph definition (static).
@@ -371,7 +480,9 @@ def train_chunk(graphdef, tx, batch_size: int, max_steps: int, dropout: bool,
     split: the training data on device.
     num_steps: steps to run, at most ``split.n // batch_size``.
     masks: ``[T, C]`` active logits per task.
-    key: PRNG key for the permutation and dropout.
+    key: PRNG key of the epoch, for the permutation and dropout.
+    offset: the chunk's first step's position in the epoch (0: the chunk
+      starts the epoch); ``offset + num_steps <= split.n // batch_size``.
 
   Returns:
     ``(state, mean_loss)``: the new state and the mean training loss (task
@@ -384,9 +495,10 @@ def train_chunk(graphdef, tx, batch_size: int, max_steps: int, dropout: bool,
 
   def body(state, i):
     def run(state):
-      idx = jax.lax.dynamic_slice(order, [i * batch_size], [batch_size])
+      j = offset + i  # the step's position in the epoch
+      idx = jax.lax.dynamic_slice(order, [j * batch_size], [batch_size])
       return _step(graphdef, tx, dropout, state, split.x[idx], split.y[idx],
-                   masks[split.tid[idx]], jax.random.fold_in(drop_key, i))
+                   masks[split.tid[idx]], jax.random.fold_in(drop_key, j))
 
     def skip(state):
       return state, jnp.zeros([], jnp.float32)
@@ -485,17 +597,24 @@ class MethodResult:
         "b_val": self.b_val.tolist(), "train_loss": self.train_loss,
     }
 
+  @classmethod
+  def from_json(cls, row: dict[str, Any]) -> "MethodResult":
+    """The inverse of :meth:`to_json` (the metrics are recomputed).
+
+    JSON keeps every bit of a float64, so ``R`` is read back exactly.
+    """
+    arrays = {k: np.asarray(row[k], np.float64)
+              for k in ("R", "R_val", "b", "b_val")}
+    return cls(method=row["method"], seed=int(row["seed"]),
+               lam=float(row["lam"]), time_s=float(row["time_s"]),
+               train_loss=row["train_loss"], **arrays)
+
 
 def steps_per_task(config: config_lib.Config, n: int) -> int:
   """Optimiser steps for a task of ``n`` training examples."""
   if config.iterations is not None:
     return config.iterations
   return config.epochs * (n // config.batch_size)
-
-
-def _chunks(total: int, per_chunk: int) -> list[int]:
-  """Splits ``total`` steps into chunks of at most ``per_chunk``."""
-  return [min(per_chunk, total - s) for s in range(0, total, per_chunk)]
 
 
 def si_importance(omega, params, start, xi: float):
@@ -570,34 +689,198 @@ def unalias(state: State) -> State:
   return jax.tree.map(jnp.copy, state)
 
 
+def _segments(total: int, per_epoch: int, every: Optional[int],
+              start: int = 0) -> list[tuple[int, int]]:
+  """Splits steps ``[start, total)`` into chunks ``(first, end)``.
+
+  A chunk ends at every epoch boundary (a multiple of ``per_epoch``) and, if
+  ``every`` is set, at every multiple of ``every`` (a checkpoint), so that a
+  chunk never spans two epochs and every checkpoint falls between chunks.
+  """
+  out, a = [], start
+  while a < total:
+    b = min(total, (a // per_epoch + 1) * per_epoch)
+    if every is not None:
+      b = min(b, (a // every + 1) * every)
+    out.append((a, b))
+    a = b
+  return out
+
+
 def _train_on(config, graphdef, tx, state, split, masks, total_steps, key,
-              desc, progress):
-  """Trains ``total_steps`` steps on ``split``, one scan per chunk."""
-  per_chunk = split.n // config.batch_size
-  if per_chunk < 1:
-    raise ValueError(
+              desc, progress, *, start: int = 0,
+              losses: Optional[list[float]] = None,
+              on_checkpoint: Optional[Callable[..., None]] = None):
+  """Trains steps ``start..total_steps`` on ``split``, one scan per chunk.
+
+  Step ``s`` uses the epoch key ``fold_in(key, s // E)`` (``E`` steps per
+  epoch) at position ``s % E``: the result does not depend on where the
+  chunks (or a restart) fall.
+
+  Args:
+    config: supplies the batch size, dropout and ``checkpoint_every``.
+    graphdef: the model's graph definition.
+    tx: the optimiser.
+    state: the training state at step ``start``.
+    split: the training data on device.
+    masks: ``[T, C]`` active logits per task.
+    total_steps: the task's number of steps.
+    key: the task's PRNG key.
+    desc: names the run and task in the progress bar and in errors.
+    progress: show a progress bar.
+    start: the first step to run (after a restart).
+    losses: the mean losses of the chunks before ``start``.
+    on_checkpoint: called as ``on_checkpoint(state, step, losses)`` at every
+      multiple of ``config.checkpoint_every`` before ``total_steps``; chunks
+      are cut at those steps only when it is given.
+
+  Returns:
+    ``(state, losses)``: the state after ``total_steps`` steps and every
+    chunk's mean training loss.
+
+  Raises:
+    TrainingDiverged: a chunk's mean loss is nan or inf; the state after it
+      is not checkpointed.
+  """
+  per_epoch = split.n // config.batch_size
+  if per_epoch < 1:
+    raise DataError(
         f"{desc}: {split.n} training examples is fewer than batch_size "
         f"{config.batch_size}.")
   max_steps = split.x.shape[0] // config.batch_size
-  losses = []
-  bar = tqdm.tqdm(total=total_steps, desc=desc, unit="step", leave=False,
-                  disable=not progress, file=sys.stderr)
-  for i, steps in enumerate(_chunks(total_steps, per_chunk)):
+  every = config.checkpoint_every if on_checkpoint is not None else None
+  losses = list(losses or [])
+  bar = tqdm.tqdm(total=total_steps, initial=start, desc=desc, unit="step",
+                  leave=False, disable=not progress, file=sys.stderr)
+  for a, b in _segments(total_steps, per_epoch, every, start):
+    epoch, offset = divmod(a, per_epoch)
     state, loss = train_chunk(
         graphdef, tx, config.batch_size, max_steps, config.dropout > 0,
-        state, split, jnp.asarray(steps, jnp.int32), masks,
-        jax.random.fold_in(key, i))
-    losses.append(float(loss))  # one host sync per chunk
-    bar.update(steps)
-    bar.set_postfix(loss=f"{losses[-1]:.4f}")
+        state, split, jnp.asarray(b - a, jnp.int32), masks,
+        jax.random.fold_in(key, epoch), jnp.asarray(offset, jnp.int32))
+    loss = float(loss)  # one host sync per chunk
+    if not math.isfinite(loss):
+      bar.close()
+      raise TrainingDiverged(
+          f"{desc}: the training loss became {loss} within steps {a + 1}-{b} "
+          f"of {total_steps} (checked once per chunk); training stopped. "
+          "Lower the learning rate or lambda, or check the data.")
+    losses.append(loss)
+    bar.update(b - a)
+    bar.set_postfix(loss=f"{loss:.4f}")
+    if every is not None and b < total_steps and b % every == 0:
+      on_checkpoint(state, b, losses)
+    _crash_hook(b - a)
   bar.close()
   return state, losses
 
 
+@dataclasses.dataclass
+class _Record:
+  """Where a run stands: what a checkpoint's ``meta`` holds besides arrays.
+
+  ``task`` is the next task to train (``num_phases``: all done) and ``step``
+  the next step within it; ``train_loss`` has one list per finished task and
+  ``task_loss`` the chunks of the current one.
+  """
+
+  R: np.ndarray
+  R_val: np.ndarray
+  b: np.ndarray
+  b_val: np.ndarray
+  train_loss: list[list[float]]
+  task_loss: list[float]
+  task: int
+  step: int
+  time_s: float
+
+  def to_json(self) -> dict[str, Any]:
+    # Copies throughout: a background write must not see later changes.
+    return {"R": self.R.tolist(), "R_val": self.R_val.tolist(),
+            "b": self.b.tolist(), "b_val": self.b_val.tolist(),
+            "train_loss": [list(x) for x in self.train_loss],
+            "task_loss": list(self.task_loss), "task": self.task,
+            "step": self.step, "time_s": self.time_s}
+
+  @classmethod
+  def from_json(cls, meta: dict[str, Any]) -> "_Record":
+    arrays = {k: np.asarray(meta[k], np.float64)
+              for k in ("R", "R_val", "b", "b_val")}
+    return cls(**arrays, train_loss=meta["train_loss"],
+               task_loss=meta["task_loss"], task=meta["task"],
+               step=meta["step"], time_s=meta["time_s"])
+
+
+class _RunCheckpointer:
+  """Saves and restores one run's checkpoints (:mod:`experiments.checkpoint`).
+
+  The saved tree is ``{"state": State, "key": key_data}``; ``meta`` holds the
+  :class:`_Record`, the run's identity, the resolved config and the data
+  seed, which a restore checks.
+  """
+
+  def __init__(self, directory, config, method, lam, seed, totals, desc):
+    self.store = checkpoint_lib.RunCheckpoints(directory)
+    self.config, self.totals, self.desc = config, totals, desc
+    self.identity = {"method": method, "lam": float(lam), "seed": int(seed),
+                     "data_seed": int(seed)}
+
+  def save(self, state: State, key: jax.Array, record: _Record) -> None:
+    arrays, paths = checkpoint_lib.flatten(
+        {"state": state, "key": jax.random.key_data(key)})
+    for path, x in zip(paths, arrays.values(), strict=True):
+      if np.issubdtype(x.dtype, np.inexact) and not np.all(np.isfinite(x)):
+        raise TrainingDiverged(
+            f"{self.desc(record.task)}: {path} holds nan or inf after step "
+            f"{record.step}; not checkpointed (the last good checkpoint is "
+            "kept).")
+    step = sum(self.totals[:record.task]) + record.step
+    self.store.save(step, arrays, {
+        **self.identity, "config": self.config.to_json(), "paths": paths,
+        **record.to_json()})
+
+  def restore(self, state: State, key: jax.Array
+              ) -> Optional[tuple[State, jax.Array, _Record]]:
+    """The latest checkpoint, or ``None`` when there is none."""
+    if self.store.latest_step() is None:
+      return None
+    tree, meta = self.store.restore(
+        {"state": state, "key": jax.random.key_data(key)})
+    where = f"checkpoint in {self.store.directory}"
+    for name, value in self.identity.items():
+      if meta.get(name) != value:
+        raise ValueError(
+            f"{where} belongs to another run: {name} {meta.get(name)!r}, "
+            f"expected {value!r}.")
+    saved = config_lib.from_json(meta["config"])
+    diff = config_lib.differences(saved, self.config)
+    if diff:
+      raise ValueError(
+          f"{where} was made with another config: {_describe(diff)}.")
+    restored_key = jax.random.wrap_key_data(tree["key"])
+    return unalias(tree["state"]), restored_key, _Record.from_json(meta)
+
+  def close(self) -> None:
+    self.store.close()
+
+
+def _describe(diff: Sequence[tuple[str, Any, Any]]) -> str:
+  show = lambda v: list(v) if isinstance(v, tuple) else v  # noqa: E731
+  return "; ".join(f"{name}: saved {show(a)!r}, now {show(b)!r}"
+                   for name, a, b in diff)
+
+
 def run_method(config: config_lib.Config, stream: Stream, method: str,
                seed: int, lam: float = 0.0, *,
-               progress: Optional[bool] = None) -> MethodResult:
+               progress: Optional[bool] = None,
+               checkpoint_dir: Any = None,
+               log: Optional[Callable[[str], None]] = None) -> MethodResult:
   """Trains one method through the task sequence, evaluating after each task.
+
+  With ``checkpoint_dir`` the run is checkpointed after every task and every
+  ``config.checkpoint_every`` steps within a task, and continues from the
+  latest checkpoint found there (mid-task included), ending with the same
+  result as an uninterrupted run.
 
   Args:
     config: the experiment configuration.
@@ -607,9 +890,17 @@ def run_method(config: config_lib.Config, stream: Stream, method: str,
       sampling.
     lam: the method's strength (SI: ``c``); ignored by finetune and joint.
     progress: show progress bars (default ``config.progress``).
+    checkpoint_dir: this run's own checkpoint directory, or ``None``.
+    log: called with a line when the run resumes from a checkpoint.
 
   Returns:
-    The :class:`MethodResult`.
+    The :class:`MethodResult`; ``time_s`` includes the time before a
+    restart.
+
+  Raises:
+    TrainingDiverged: the training loss became nan or inf.
+    ValueError: the checkpoint in ``checkpoint_dir`` belongs to another
+      run or config.
   """
   if method not in config_lib.METHODS:
     raise ValueError(
@@ -621,40 +912,78 @@ def run_method(config: config_lib.Config, stream: Stream, method: str,
       config, method, lam, num_outputs(stream.tasks), seed)
   key = jax.random.key(seed)
   ev = functools.partial(evaluate, graphdef, config.eval_batch_size)
-  b = ev(state.params, stream.test, stream.masks)
-  b_val = ev(state.params, stream.val, stream.masks)
-  R = np.zeros([num_tasks, num_tasks])
-  R_val = np.zeros([num_tasks, num_tasks])
-  train_loss = []
   label = f"{method}" + (f" lam={lam:g}" if method in config_lib.LAM_FIELDS
                          else "") + f" seed={seed}"
-
+  # A phase is one training run on one split: a task, or joint's union.
   if method == "joint":
-    split = union(stream)
-    total = sum(steps_per_task(config, t.n) for t in stream.train)
-    state, losses = _train_on(
-        config, graphdef, tx, state, split, stream.masks, total,
-        jax.random.fold_in(key, 0), f"{label} all tasks", progress)
-    R[:] = ev(state.params, stream.test, stream.masks)
-    R_val[:] = ev(state.params, stream.val, stream.masks)
-    train_loss.append(losses)
+    splits = [union(stream)]
+    totals = [sum(steps_per_task(config, t.n) for t in stream.train)]
+    desc = lambda t: f"{label} all tasks"  # noqa: E731
   else:
-    for t, split in enumerate(stream.train):
+    splits = list(stream.train)
+    totals = [steps_per_task(config, s.n) for s in splits]
+    desc = lambda t: f"{label} task {min(t, num_tasks - 1) + 1}/{num_tasks}"  # noqa: E731
+
+  ckpt = restored = None
+  if checkpoint_dir is not None:
+    ckpt = _RunCheckpointer(checkpoint_dir, config, method, lam, seed,
+                            totals, desc)
+  try:
+    if ckpt is not None:
+      restored = ckpt.restore(state, key)
+    if restored is not None:
+      state, key, record = restored
+      if log is not None:
+        log(f"{label}: resuming from its checkpoint at task {record.task + 1},"
+            f" step {record.step}")
+    else:
+      record = _Record(
+          R=np.zeros([num_tasks, num_tasks]),
+          R_val=np.zeros([num_tasks, num_tasks]),
+          b=ev(state.params, stream.test, stream.masks),
+          b_val=ev(state.params, stream.val, stream.masks),
+          train_loss=[], task_loss=[], task=0, step=0, time_s=0.0)
+    elapsed = record.time_s
+
+    def checkpoint(state, task, step, task_loss):
+      """Moves ``record`` to (task, step) and saves it with ``state``."""
+      record.task, record.step, record.task_loss = task, step, list(task_loss)
+      record.time_s = elapsed + time.perf_counter() - start_time
+      if ckpt is not None:
+        ckpt.save(state, key, record)
+
+    first_task, first_step = record.task, record.step
+    for t in range(first_task, len(splits)):
       task_key = jax.random.fold_in(key, t)
+      start = first_step if t == first_task else 0
+
+      def on_checkpoint(state, step, losses, t=t):
+        checkpoint(state, t, step, losses)
+
       state, losses = _train_on(
-          config, graphdef, tx, state, split, stream.masks,
-          steps_per_task(config, split.n), task_key,
-          f"{label} task {t + 1}/{num_tasks}", progress)
-      train_loss.append(losses)
-      R[t] = ev(state.params, stream.test, stream.masks)
-      R_val[t] = ev(state.params, stream.val, stream.masks)
-      if method != "finetune" and t < num_tasks - 1:
-        state = _consolidate(method, config, graphdef, state,
-                             stream.tasks[t], jax.random.fold_in(task_key, 1))
-  return MethodResult(method=method, seed=seed, lam=float(lam), R=R,
-                      R_val=R_val, b=b, b_val=b_val,
-                      time_s=time.perf_counter() - start_time,
-                      train_loss=train_loss)
+          config, graphdef, tx, state, splits[t], stream.masks, totals[t],
+          task_key, desc(t), progress, start=start,
+          losses=record.task_loss if start else None,
+          on_checkpoint=None if ckpt is None else on_checkpoint)
+      if method == "joint":
+        record.R[:] = ev(state.params, stream.test, stream.masks)
+        record.R_val[:] = ev(state.params, stream.val, stream.masks)
+      else:
+        record.R[t] = ev(state.params, stream.test, stream.masks)
+        record.R_val[t] = ev(state.params, stream.val, stream.masks)
+        if method != "finetune" and t < num_tasks - 1:
+          state = _consolidate(method, config, graphdef, state,
+                               stream.tasks[t],
+                               jax.random.fold_in(task_key, 1))
+      record.train_loss.append(losses)
+      checkpoint(state, t + 1, 0, [])
+  finally:
+    if ckpt is not None:
+      ckpt.close()
+  return MethodResult(method=method, seed=seed, lam=float(lam), R=record.R,
+                      R_val=record.R_val, b=record.b, b_val=record.b_val,
+                      time_s=elapsed + time.perf_counter() - start_time,
+                      train_loss=record.train_loss)
 
 
 def _consolidate(method, config, graphdef, state, task, key) -> State:
@@ -721,28 +1050,7 @@ def aggregate(results: Sequence[MethodResult],
   return rows
 
 
-def write_atomic(path: pathlib.Path, data: Any) -> None:
-  """Writes ``data`` (str or bytes) to ``path`` atomically.
-
-  The data goes to a temporary file in the same directory, which then
-  replaces ``path`` with ``os.replace``: a reader never sees half a file.
-
-  Args:
-    path: the destination.
-    data: text or bytes.
-  """
-  path = pathlib.Path(path)
-  mode = "wb" if isinstance(data, bytes) else "w"
-  fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.",
-                             suffix=".tmp")
-  try:
-    with os.fdopen(fd, mode) as f:
-      f.write(data)
-    os.replace(tmp, path)
-  except BaseException:
-    if os.path.exists(tmp):
-      os.unlink(tmp)
-    raise
+write_atomic = files.write_atomic
 
 
 def write_json(path: pathlib.Path, obj: Any) -> None:
@@ -901,16 +1209,87 @@ def format_table(rows: Sequence[dict[str, Any]]) -> str:
 
 
 def dataset_info(ds: data_lib.Dataset) -> dict[str, Any]:
-  """Name, description and sizes of a dataset, for ``config.json``."""
+  """Name, description, sizes and a SHA-256 of a dataset's arrays.
+
+  The digest lets a resumed run check that it trains on the same data.
+  """
+  digest = hashlib.sha256()
+  for array in (ds.train_x, ds.train_y, ds.test_x, ds.test_y):
+    array = np.ascontiguousarray(array)
+    digest.update(f"{array.dtype}{array.shape}".encode())
+    digest.update(memoryview(array).cast("B"))
   return {"name": ds.name, "description": ds.description,
           "num_train": int(len(ds.train_y)), "num_test": int(len(ds.test_y)),
-          "num_classes": int(ds.num_classes)}
+          "num_classes": int(ds.num_classes), "sha256": digest.hexdigest()}
+
+
+CHECKPOINTS = "checkpoints"
+
+
+def saved_config(workdir: Any) -> config_lib.Config:
+  """The resolved configuration a run directory was started with.
+
+  Raises:
+    FileNotFoundError: ``workdir`` holds no ``config.json``.
+    ValueError: the file is not a run's configuration.
+  """
+  path = pathlib.Path(workdir) / "config.json"
+  if not path.is_file():
+    raise FileNotFoundError(
+        f"cannot resume {workdir}: it holds no config.json (not a run "
+        "directory of experiments.permuted_mnist).")
+  try:
+    values = json.loads(path.read_text())["config"]
+  except (json.JSONDecodeError, KeyError, TypeError) as e:
+    raise ValueError(
+        f"cannot resume {workdir}: {path} is not a run's config ({e!r})."
+    ) from None
+  return config_lib.from_json(values)
+
+
+def check_resume(workdir: Any, config: config_lib.Config) -> None:
+  """Refuses to resume ``workdir`` with a config that changes its results.
+
+  Args:
+    workdir: the run directory.
+    config: the configuration to continue with.
+
+  Raises:
+    FileNotFoundError: ``workdir`` is not a run directory.
+    ValueError: ``config`` differs from the saved one; the message names
+      every differing field with both values.
+  """
+  diff = config_lib.differences(saved_config(workdir), config)
+  if diff:
+    raise ValueError(
+        f"cannot resume {workdir} with a different config; differing "
+        f"field(s): {_describe(diff)}. Resume without these flags to "
+        "continue with the saved config, or start a new run with --out.")
+
+
+def _check_same_data(workdir: pathlib.Path, info: dict[str, Any]) -> None:
+  saved = json.loads((workdir / "config.json").read_text()).get("dataset", {})
+  fields = ("name", "num_train", "num_test", "num_classes", "sha256")
+  diff = [f for f in fields if f in saved and saved[f] != info[f]]
+  if diff:
+    listed = "; ".join(f"{f}: saved {saved[f]!r}, now {info[f]!r}"
+                       for f in diff)
+    raise ValueError(
+        f"cannot resume {workdir}: the data differ from the run's ({listed}).")
+
+
+def load_results(workdir: Any) -> list[MethodResult]:
+  """The finished runs saved in ``workdir/runs.json`` (none if absent)."""
+  path = pathlib.Path(workdir) / "runs.json"
+  if not path.is_file():
+    return []
+  return [MethodResult.from_json(row) for row in json.loads(path.read_text())]
 
 
 def run_experiment(config: config_lib.Config, workdir: Any, *,
                    overwrite: bool = False,
                    dataset: Optional[data_lib.Dataset] = None,
-                   log=print) -> dict[str, Any]:
+                   log=print, resume: bool = False) -> dict[str, Any]:
   """Runs every method, lambda and seed of ``config`` and writes the results.
 
   For each seed the task stream is built once (same data and task order for
@@ -918,40 +1297,91 @@ def run_experiment(config: config_lib.Config, workdir: Any, *,
   lambda with the best mean validation ACC is reported (test numbers are
   never used for the choice).
 
+  Every run is checkpointed in ``workdir/checkpoints/<method>-lam<lam>-
+  seed<seed>/`` (see :func:`run_method`); once its result is in
+  ``runs.json`` its checkpoint is deleted (kept with
+  ``config.keep_checkpoints``).
+
   Args:
     config: the configuration.
     workdir: the run directory (created; must be empty unless
-      ``overwrite``).
-    overwrite: allow a non-empty run directory.
+      ``overwrite`` or ``resume``).
+    overwrite: allow a non-empty run directory (its checkpoints are
+      deleted).
     dataset: use this dataset instead of loading ``config.dataset``.
     log: called with progress lines and the final table.
+    resume: continue the run in ``workdir``: finished runs are read from
+      ``runs.json``, the interrupted one continues from its checkpoint.
+      ``config`` must equal the saved one (:func:`check_resume`).
 
   Returns:
     The summary (as in ``summary.json``) plus ``"results"``, the list of
     :class:`MethodResult`, and ``"workdir"``.
+
+  Raises:
+    DataError: the data cannot be trained on (before any training).
+    TrainingDiverged: a run's loss became nan or inf; the finished runs'
+      results and the failed run's last good checkpoint are kept.
   """
   config = config_lib.validate(config)
-  workdir = prepare_workdir(workdir, overwrite)
+  if resume:
+    if overwrite:
+      raise ValueError("resume and overwrite exclude each other.")
+    workdir = pathlib.Path(workdir)
+    check_resume(workdir, config)
+  else:
+    workdir = prepare_workdir(workdir, overwrite)
+    # An overwritten run's checkpoints must not leak into this one.
+    shutil.rmtree(workdir / CHECKPOINTS, ignore_errors=True)
   if dataset is None:
     dataset = data_lib.load_dataset(config.dataset, config.data_dir)
   info = dataset_info(dataset)
+  done = {}
+  if resume:
+    _check_same_data(workdir, info)
+    done = {(r.method, r.lam, r.seed): r for r in load_results(workdir)}
   write_json(workdir / "config.json",
              {"config": config.to_json(), "dataset": info})
   results = []
   for seed in config.seeds:
-    tasks = tasks_lib.make_tasks(config.tasks, dataset, config.num_tasks,
-                                 seed, val_fraction=config.val_fraction)
-    stream = make_stream(tasks, eval_batch_size=config.eval_batch_size,
-                         train_examples=config.train_examples)
+    stream = None
     for method in config.methods:
       for lam in config.lams(method):
-        result = run_method(config, stream, method, seed, lam)
+        name = checkpoint_lib.run_name(method, lam, seed)
+        ckpt_dir = workdir / CHECKPOINTS / name
+        result = done.get((method, float(lam), seed))
+        if result is None:
+          if stream is None:  # only for seeds with runs left to do
+            tasks = tasks_lib.make_tasks(
+                config.tasks, dataset, config.num_tasks, seed,
+                val_fraction=config.val_fraction)
+            stream = make_stream(tasks, eval_batch_size=config.eval_batch_size,
+                                 train_examples=config.train_examples)
+            check_stream(stream, config)
+          try:
+            result = run_method(config, stream, method, seed, lam,
+                                checkpoint_dir=ckpt_dir, log=log)
+          except TrainingDiverged as e:
+            steps = sorted(int(p.name) for p in ckpt_dir.glob("*")
+                           if p.name.isdigit())
+            kept = (f"its last good checkpoint (step {steps[-1]}) is kept in "
+                    f"{ckpt_dir}" if steps else "this run had no checkpoint "
+                    "yet")
+            raise TrainingDiverged(
+                f"{e} Finished runs are in {workdir / 'runs.json'}; "
+                f"{kept}.") from None
+          source = f"{result.time_s:.1f} s"
+        else:
+          source = "finished earlier, read from runs.json"
         results.append(result)
         m = result.metrics()
         log(f"{method:>10} lam={lam:<8g} seed={seed}  ACC {m['acc']:.4f}  "
-            f"BWT {m['bwt']:+.4f}  val ACC {m['val_acc']:.4f}  "
-            f"({result.time_s:.1f} s)")
+            f"BWT {m['bwt']:+.4f}  val ACC {m['val_acc']:.4f}  ({source})")
         write_results(workdir, config, info, results, final=False)
+        if not config.keep_checkpoints:
+          shutil.rmtree(ckpt_dir, ignore_errors=True)
   summary = write_results(workdir, config, info, results, final=True)
+  if not config.keep_checkpoints:
+    shutil.rmtree(workdir / CHECKPOINTS, ignore_errors=True)
   log(format_table(summary["methods"]))
   return {**summary, "results": results, "workdir": workdir}

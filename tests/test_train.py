@@ -184,10 +184,11 @@ def test_joint_trains_on_the_union(monkeypatch):
   calls = []
   original = train._train_on
 
-  def spy(config, graphdef, tx, state, split, masks, total_steps, *rest):
+  def spy(config, graphdef, tx, state, split, masks, total_steps, *rest,
+          **kwargs):
     calls.append((split.n, total_steps))
     return original(config, graphdef, tx, state, split, masks, total_steps,
-                    *rest)
+                    *rest, **kwargs)
 
   monkeypatch.setattr(train, "_train_on", spy)
   result = train.run_method(config, stream, "joint", seed=0)

@@ -1,0 +1,174 @@
+"""Checkpoints of one training run, written with orbax.
+
+One :class:`RunCheckpoints` per (method, lambda, seed) run, in its own
+directory under ``RUN_DIR/checkpoints/``. Each checkpoint holds two items:
+
+* ``state``: every array of the run, as a flat dict of host copies: the
+  model parameters, the whole optimiser state (the EWC anchors, the Fisher
+  sums, Adam's moments, lambda), SI's path integral and the run's PRNG key
+  (its raw ``key_data``).
+* ``meta``: JSON: where the run stands (task, step within the task), the
+  accuracy matrices so far, the training losses, the resolved config, the
+  method, lambda and the data seed, and the tree paths of the arrays, which
+  are checked against the state they are restored into.
+
+Writes are atomic: orbax writes a step into ``<step>.orbax-checkpoint-tmp``
+and renames it once complete, and deletes the previous step only after that.
+A process killed mid-write leaves the previous checkpoint intact; the
+half-written directory is removed when the run is resumed.
+"""
+
+import pathlib
+from typing import Any, Optional
+
+import jax
+import numpy as np
+import orbax.checkpoint as ocp
+
+# The layout of ``meta``; bump on incompatible changes.
+FORMAT = 1
+
+
+def run_name(method: str, lam: float, seed: int) -> str:
+  """The directory name of a run's checkpoints, e.g. ``ewc-lam100.0-seed0``.
+
+  ``repr`` keeps every digit of ``lam``: two lambdas of a sweep never
+  share a directory.
+  """
+  return f"{method}-lam{float(lam)!r}-seed{int(seed)}"
+
+
+def flatten(tree: Any) -> tuple[dict[str, np.ndarray], list[str]]:
+  """Host copies of ``tree``'s leaves, keyed ``"0000"``, ``"0001"``, ...
+
+  Args:
+    tree: a pytree of arrays.
+
+  Returns:
+    ``(arrays, paths)``: the copies (never views of device buffers, which a
+    later donating call may reuse) and each leaf's tree path as text.
+  """
+  leaves, _ = jax.tree_util.tree_flatten_with_path(tree)
+  arrays = {f"{i:04d}": np.array(leaf, copy=True)
+            for i, (_, leaf) in enumerate(leaves)}
+  return arrays, [jax.tree_util.keystr(path) for path, _ in leaves]
+
+
+class RunCheckpoints:
+  """The checkpoints of one run: save, find the latest, restore.
+
+  Attributes:
+    directory: where the steps are written.
+  """
+
+  def __init__(self, directory: Any, *, max_to_keep: int = 1,
+               asynchronous: bool = True):
+    """Opens (and creates) ``directory``.
+
+    Args:
+      directory: the run's checkpoint directory.
+      max_to_keep: how many of the latest checkpoints to keep.
+      asynchronous: write in a background thread. The arrays are copied to
+        the host first, so training may go on (and donate its buffers)
+        while they are written.
+    """
+    self.directory = pathlib.Path(directory).absolute()
+    self._manager = ocp.CheckpointManager(
+        self.directory,
+        options=ocp.CheckpointManagerOptions(
+            max_to_keep=max_to_keep, create=True,
+            cleanup_tmp_directories=True,
+            enable_async_checkpointing=asynchronous),
+        item_names=("state", "meta"))
+
+  def latest_step(self) -> Optional[int]:
+    """The step of the newest complete checkpoint, or ``None``."""
+    return self._manager.latest_step()
+
+  def save(self, step: int, arrays: dict[str, np.ndarray],
+           meta: dict[str, Any]) -> None:
+    """Writes a checkpoint (in the background when asynchronous).
+
+    Args:
+      step: a number larger than every earlier step of this run.
+      arrays: host arrays, from :func:`flatten`.
+      meta: JSON-ready values.
+    """
+    saved = self._manager.save(
+        step, args=ocp.args.Composite(
+            state=ocp.args.StandardSave(arrays),
+            meta=ocp.args.JsonSave({"format": FORMAT, **meta})),
+        force=True)
+    if not saved:
+      raise RuntimeError(
+          f"orbax skipped checkpoint step {step} in {self.directory}.")
+
+  def restore(self, like: Any) -> tuple[Any, dict[str, Any]]:
+    """Reads the latest checkpoint into a tree shaped like ``like``.
+
+    Args:
+      like: a pytree of arrays with the structure, shapes and dtypes of the
+        saved one (e.g. a freshly initialised state).
+
+    Returns:
+      ``(tree, meta)``: the saved arrays (as ``jax.Array``) in ``like``'s
+      structure, and the saved JSON.
+
+    Raises:
+      FileNotFoundError: there is no complete checkpoint.
+      ValueError: the checkpoint holds other arrays than ``like`` (another
+        model or optimiser), naming the first difference.
+    """
+    self._manager.wait_until_finished()
+    step = self._manager.latest_step()
+    if step is None:
+      raise FileNotFoundError(f"no checkpoint in {self.directory}.")
+    meta = self._manager.restore(
+        step, args=ocp.args.Composite(meta=ocp.args.JsonRestore()))["meta"]
+    if meta.get("format") != FORMAT:
+      raise ValueError(
+          f"checkpoint {self.directory}/{step} has format "
+          f"{meta.get('format')!r}; this code reads format {FORMAT}.")
+    leaves, treedef = jax.tree_util.tree_flatten_with_path(like)
+    paths = [jax.tree_util.keystr(path) for path, _ in leaves]
+    if meta["paths"] != paths:
+      raise ValueError(
+          f"checkpoint {self.directory}/{step} holds a different state: "
+          f"{_first_difference(meta['paths'], paths)}.")
+    # numpy targets: orbax restores host arrays, placed on the device below.
+    target = {f"{i:04d}": np.empty(np.shape(leaf), _dtype(leaf))
+              for i, (_, leaf) in enumerate(leaves)}
+    arrays = self._manager.restore(
+        step, args=ocp.args.Composite(
+            state=ocp.args.StandardRestore(target)))["state"]
+    for i, path in enumerate(paths):
+      got, want = arrays[f"{i:04d}"], target[f"{i:04d}"]
+      if got.shape != want.shape or got.dtype != want.dtype:
+        raise ValueError(
+            f"checkpoint {self.directory}/{step}: {path} is "
+            f"{got.dtype}{list(got.shape)}, expected "
+            f"{want.dtype}{list(want.shape)}.")
+    tree = jax.tree_util.tree_unflatten(
+        treedef, [jax.numpy.asarray(arrays[f"{i:04d}"])
+                  for i in range(len(paths))])
+    return tree, meta
+
+  def wait(self) -> None:
+    """Blocks until a background write has finished."""
+    self._manager.wait_until_finished()
+
+  def close(self) -> None:
+    """Finishes pending writes and releases orbax's threads."""
+    self._manager.close()
+
+
+def _dtype(x: Any) -> np.dtype:
+  return x.dtype if hasattr(x, "dtype") else np.result_type(x)
+
+
+def _first_difference(saved: list[str], current: list[str]) -> str:
+  for i, (a, b) in enumerate(zip(saved, current)):
+    if a != b:
+      return f"array {i} is {a} there but {b} here"
+  return (f"{len(saved)} arrays there, {len(current)} here (a different "
+          "model, optimiser or method)")
