@@ -80,6 +80,10 @@ class Config:
       steps (a checkpoint also follows every task). Chunk boundaries never
       change the results: each step's mini-batch and dropout key depend only
       on (seed, task, step).
+    data_parallel: devices for data-parallel training: each mini-batch is
+      sharded over a mesh axis ``"data"`` of this many local devices (0: all
+      local devices; 1: off). The largest count that divides ``batch_size``
+      is used. Results equal one device's up to float32 reduction order.
     keep_checkpoints: keep each finished run's last checkpoint (final
       parameters and optimiser state); by default it is deleted once the
       run's results are in ``runs.json``.
@@ -120,6 +124,7 @@ class Config:
   seeds: tuple[int, ...] = (0, 1, 2)
   eval_batch_size: int = 1000
   checkpoint_every: int = 1000
+  data_parallel: int = 0
   keep_checkpoints: bool = False
   progress: bool = True
 
@@ -249,6 +254,10 @@ def validate(config: Config) -> Config:
                "fisher_batch_size", "cnn_hidden", "checkpoint_every"):
     if getattr(config, name) < 1:
       raise ValueError(f"{name} must be >= 1, got {getattr(config, name)}.")
+  if config.data_parallel < 0:
+    raise ValueError(
+        f"data_parallel must be >= 0 (0: all devices), got "
+        f"{config.data_parallel}.")
   for name in ("hidden", "channels"):
     if any(width < 1 for width in getattr(config, name)):
       raise ValueError(

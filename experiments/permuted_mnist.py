@@ -73,6 +73,9 @@ def _flags() -> argparse.ArgumentParser:
   p.add_argument("--checkpoint-every",
                  help="checkpoint every N steps within a task (and after "
                  "each task)")
+  p.add_argument("--mesh", dest="data_parallel",
+                 help="devices for data-parallel training (0: every local "
+                 "device, the default; 1: one device)")
   p.add_argument("--out", help="run directory (default runs/PRESET-TIME)")
   p.add_argument("--overwrite", action="store_true",
                  help="allow a non-empty run directory")
@@ -92,7 +95,7 @@ def _flags() -> argparse.ArgumentParser:
 _FIELD_FLAGS = ("methods", "gamma", "seeds", "dataset", "data_dir", "tasks",
                 "num_tasks", "model", "hidden", "epochs", "iterations",
                 "batch_size", "learning_rate", "optimizer", "fisher",
-                "fisher_examples", "checkpoint_every")
+                "fisher_examples", "checkpoint_every", "data_parallel")
 
 
 def lam_assignments(values: Sequence[str],

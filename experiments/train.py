@@ -37,6 +37,7 @@ is checked once per chunk, on the host: a non-finite loss stops the run with
 :class:`TrainingDiverged` and the last good checkpoint is kept.
 """
 
+import contextlib
 import dataclasses
 import datetime
 import functools
@@ -436,8 +437,30 @@ def _loss(graphdef, params, x, y, class_mask, key):
       logits.astype(jnp.float32), y).mean()
 
 
+def data_mesh(config: config_lib.Config) -> Optional[jax.sharding.Mesh]:
+  """The mesh for data-parallel training, or None for one device."""
+  wanted = config.data_parallel or jax.local_device_count()
+  n = max(d for d in range(1, min(wanted, jax.local_device_count()) + 1)
+          if config.batch_size % d == 0)
+  if n <= 1:
+    return None
+  return jax.make_mesh((n,), ("data",),
+                       axis_types=(jax.sharding.AxisType.Auto,),
+                       devices=jax.local_devices()[:n])
+
+
+def _shard_batch(*arrays):
+  """Shards the example axis over the ambient mesh's "data" axis, if any."""
+  mesh = jax.sharding.get_abstract_mesh()
+  if mesh.empty or "data" not in mesh.axis_names:
+    return arrays
+  spec = jax.sharding.PartitionSpec("data")
+  return tuple(jax.lax.with_sharding_constraint(a, spec) for a in arrays)
+
+
 def _step(graphdef, tx, dropout, state: State, x, y, class_mask, key):
   """One optimiser step; updates SI's path integral when it is tracked."""
+  x, y, class_mask = _shard_batch(x, y, class_mask)
   key = key if dropout else None
   loss, grads = jax.value_and_grad(
       lambda p: _loss(graphdef, p, x, y, class_mask, key))(state.params)
@@ -1343,6 +1366,21 @@ def run_experiment(config: config_lib.Config, workdir: Any, *,
   write_json(workdir / "config.json",
              {"config": config.to_json(), "dataset": info})
   results = []
+  mesh = data_mesh(config)
+  if mesh is not None:
+    log(f"data parallel: each mini-batch sharded over {mesh.size} devices "
+        f"({jax.devices()[0].platform})")
+  with jax.set_mesh(mesh) if mesh is not None else contextlib.nullcontext():
+    _run_all(config, workdir, dataset, info, done, results, log)
+  summary = write_results(workdir, config, info, results, final=True)
+  if not config.keep_checkpoints:
+    shutil.rmtree(workdir / CHECKPOINTS, ignore_errors=True)
+  log(format_table(summary["methods"]))
+  return {**summary, "results": results, "workdir": workdir}
+
+
+def _run_all(config, workdir, dataset, info, done, results, log):
+  """Runs (or reads back) every (seed, method, lam) run, in order."""
   for seed in config.seeds:
     stream = None
     for method in config.methods:
@@ -1380,8 +1418,3 @@ def run_experiment(config: config_lib.Config, workdir: Any, *,
         write_results(workdir, config, info, results, final=False)
         if not config.keep_checkpoints:
           shutil.rmtree(ckpt_dir, ignore_errors=True)
-  summary = write_results(workdir, config, info, results, final=True)
-  if not config.keep_checkpoints:
-    shutil.rmtree(workdir / CHECKPOINTS, ignore_errors=True)
-  log(format_table(summary["methods"]))
-  return {**summary, "results": results, "workdir": workdir}

@@ -23,3 +23,14 @@ def test_sharded_fisher_and_train_step_match_single_device():
   assert sum(line.startswith("ok fisher") for line in lines) == 6
   assert any(line.startswith("ok empirical_fisher") for line in lines)
   assert any(line.startswith("ok train step") for line in lines)
+
+
+def test_runner_data_parallel_matches_one_device(tmp_path):
+  env = dict(os.environ, PYTHONPATH=str(ROOT),
+             XLA_FLAGS="--xla_force_host_platform_device_count=4")
+  proc = subprocess.run([sys.executable, str(ROOT / "tests" /
+                                             "data_parallel_check.py"),
+                         str(tmp_path)],
+                        capture_output=True, text=True, env=env, timeout=600)
+  assert proc.returncode == 0, proc.stdout + proc.stderr
+  assert "ok runner: data parallel" in proc.stdout
