@@ -6,6 +6,7 @@ tests/sharded_check.py and run in a fresh interpreter.
 
 import os
 import pathlib
+import socket
 import subprocess
 import sys
 
@@ -34,3 +35,25 @@ def test_runner_data_parallel_matches_one_device(tmp_path):
                         capture_output=True, text=True, env=env, timeout=600)
   assert proc.returncode == 0, proc.stdout + proc.stderr
   assert "ok runner: data parallel" in proc.stdout
+
+
+def test_two_processes_on_loopback_share_the_fisher_and_the_pull():
+  with socket.socket() as sock:  # a free port on loopback
+    sock.bind(("127.0.0.1", 0))
+    port = sock.getsockname()[1]
+  env = dict(os.environ, PYTHONPATH=str(ROOT))
+  script = str(ROOT / "tests" / "multihost_check.py")
+  procs = [subprocess.Popen([sys.executable, script, str(i), "2", str(port)],
+                            stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
+                            text=True, env=env) for i in range(2)]
+  outs = []
+  for proc in procs:
+    try:
+      outs.append(proc.communicate(timeout=300)[0])
+    except subprocess.TimeoutExpired:
+      for p in procs:
+        p.kill()
+      raise
+  for i, (proc, out) in enumerate(zip(procs, outs)):
+    assert proc.returncode == 0, out
+    assert f"ok process {i}" in out
