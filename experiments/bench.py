@@ -138,6 +138,8 @@ def bench_fisher(args):
       s = best_time(run, args.reps)
       used = path if path != "auto" else fisher_lib._choose_path(
           "auto", apply_fn, params, x[:1])
+      if est == "batched":
+        used = "-"  # one batched gradient per chunk: no per-example path
       rows.append(dict(model=name, path=used, estimator=est, examples=n,
                        fisher_ex_per_s=n / s, grad_ex_per_s=n / grad_s,
                        ratio=grad_s / s))
