@@ -183,8 +183,9 @@ class _Interpreter:
       return outs
     self.recorded.append([v for v, i in zip(vals, ins) if i.kind == ACT])
     outs = _bind(eqn, vals, self.f32)
-    return [o + p if p is not None else o
-            for o, p in zip(outs, self.perts[j])]
+    if self.perts is None:
+      return outs
+    return [o + p for o, p in zip(outs, self.perts[j])]
 
 
 @dataclasses.dataclass
@@ -246,14 +247,13 @@ def _single_product(plan, j, leaf_avals, act_avals):
 def _analyse(apply_fn, params, example) -> _Plan:
   closed, leaves, treedef = _trace(apply_fn, params, example)
   jaxpr = closed.jaxpr
-  interp = _Interpreter("analyse")
+  interp = _Interpreter("forward")
   infos = [_Info(PARAM, frozenset([i]), True) for i in range(len(leaves))]
   infos.append(_Info(ACT))
   # Run abstractly: records the layers and checks the output's dependence.
   outs_info = []
 
   def walk(leaves_in, x):
-    interp.perts = _NoPerts()
     outs, oi = interp.run(jaxpr, closed.consts, list(leaves_in) + [x], infos)
     outs_info.extend(oi)
     return list(outs), interp.recorded
@@ -286,17 +286,6 @@ def _analyse(apply_fn, params, example) -> _Plan:
       plan.material_layers.extend(k for k in js
                                   if k not in plan.material_layers)
   return plan
-
-
-class _NoPerts:
-  def __getitem__(self, j):
-    return _Nones()
-
-
-class _Nones:
-  def __iter__(self):
-    while True:
-      yield None
 
 
 _PLANS: dict = {}
