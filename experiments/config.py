@@ -311,10 +311,10 @@ def validate(config: Config) -> Config:
 #   python -m experiments.permuted_mnist
 # Runtime (measured, compile included, 2-core x86 CPU, no GPU, on the
 # embedded 5,000-digit MNIST subset that --dataset auto falls back to):
-# 98 s on a quiet machine, 117 s with two other CPU-bound processes running.
-# Measured table (mean +- std over seeds 0-2, test %, ACC / BWT): finetune
-# 71.8 +- 2.4 / -24.6; L2 74.6 +- 1.2 / -21.5; EWC 86.1 +- 0.3 / -6.9;
-# online EWC 88.7 +- 0.3 / -4.4; SI 87.6 +- 0.3 / -5.6; joint 92.9 +- 0.1.
+# 98 s on a quiet machine, 154 s beside other CPU-bound processes.
+# Measured table (mean +- std over seeds 0-2, test %, ACC / BWT; README):
+# finetune 71.8 +- 2.3 / -24.7; L2 73.9 +- 3.2 / -22.4; EWC 85.9 +- 0.3 /
+# -7.4; online EWC 87.9 +- 0.9 / -3.5; SI 87.9 +- 0.8 / -5.5; joint 93.0.
 # Where TFDS MNIST is prepared, auto loads the full 60k MNIST and the run
 # takes ~15x longer: add --dataset embedded.
 _QUICK = Config()
