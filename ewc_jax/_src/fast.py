@@ -288,7 +288,8 @@ def _analyse(apply_fn, params, example) -> _Plan:
   return plan
 
 
-_PLANS: dict = {}
+_PLANS: dict = {}  # (apply_fn, shapes) -> _Plan, oldest first
+_MAX_PLANS = 64
 
 
 def _plan(apply_fn, params, example) -> _Plan:
@@ -297,6 +298,8 @@ def _plan(apply_fn, params, example) -> _Plan:
                for p in jax.tree.leaves(params)),
          example.shape, example.dtype)
   if key not in _PLANS:
+    if len(_PLANS) >= _MAX_PLANS:  # keep recent models alive, not all
+      del _PLANS[next(iter(_PLANS))]
     _PLANS[key] = _analyse(apply_fn, params, example)
   return _PLANS[key]
 
