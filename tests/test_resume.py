@@ -32,29 +32,23 @@ from experiments import models
 from experiments import permuted_mnist
 from experiments import tasks as tasks_lib
 from experiments import train
+from tests import tiny
 
 REPO = pathlib.Path(__file__).resolve().parents[1]
 
 
-@functools.lru_cache(maxsize=None)
-def _dataset():
-  return data.load_synthetic(num_train=600, num_test=200, seed=0)
+_dataset = tiny.dataset
 
 
 def _config(**changes):
   # 540 training examples per task, 16 steps per epoch; lr 3e-3 leaves the
   # accuracies well away from 0 and 1, so that R tells runs apart.
-  base = config_lib.get_config("quick").replace(
-      dataset="synthetic", num_tasks=3, hidden=(8,), batch_size=32,
-      epochs=1, learning_rate=3e-3, eval_batch_size=100,
-      fisher_batch_size=128, progress=False, seeds=(0,), checkpoint_every=5)
-  return base.replace(**changes)
+  return tiny.config(**{"hidden": (8,), "epochs": 1, "learning_rate": 3e-3,
+                        "checkpoint_every": 5, **changes})
 
 
-@functools.lru_cache(maxsize=None)
 def _stream(seed=0):
-  tasks = tasks_lib.make_tasks("permuted", _dataset(), 3, seed)
-  return train.make_stream(tasks, eval_batch_size=100)
+  return tiny.stream(seed=seed)
 
 
 @functools.lru_cache(maxsize=None)

@@ -4,7 +4,6 @@ Every sweep here has K = 3 members, separate-mode pull and the same data
 shapes, so the tests share one compiled training chunk.
 """
 
-import functools
 import json
 
 import jax
@@ -13,30 +12,17 @@ import numpy as np
 import pytest
 
 import ewc_jax
-from experiments import config as config_lib
-from experiments import data
 from experiments import sweep
-from experiments import tasks as tasks_lib
 from experiments import train
+from tests import tiny
 
 
-@functools.lru_cache(maxsize=None)
-def _dataset():
-  return data.load_synthetic(num_train=600, num_test=200, seed=0)
+_dataset = tiny.dataset
+_stream = tiny.stream
 
 
 def _config(**changes):
-  base = config_lib.get_config("quick").replace(
-      dataset="synthetic", num_tasks=3, hidden=(16,), batch_size=32,
-      epochs=2, eval_batch_size=100, fisher_batch_size=128, progress=False,
-      seeds=(0,))
-  return base.replace(**changes)
-
-
-@functools.lru_cache(maxsize=None)
-def _stream():
-  tasks = tasks_lib.make_tasks("permuted", _dataset(), 3, 0)
-  return train.make_stream(tasks, eval_batch_size=100)
+  return tiny.config(**{"epochs": 2, **changes})
 
 
 def _separate_run(monkeypatch, config, method, seed, lam):

@@ -1,7 +1,6 @@
 """Tests of experiments.train: training, methods, selection (small and fast)."""
 
 import dataclasses
-import functools
 
 import jax
 import jax.numpy as jnp
@@ -10,29 +9,17 @@ import pytest
 
 import ewc_jax
 from experiments import config as config_lib
-from experiments import data
 from experiments import models
-from experiments import tasks as tasks_lib
 from experiments import train
+from tests import tiny
 
 
-@functools.lru_cache(maxsize=None)
-def _dataset():
-  return data.load_synthetic(num_train=600, num_test=200, seed=0)
+_dataset = tiny.dataset
+_stream = tiny.stream
 
 
 def _config(**changes):
-  base = config_lib.get_config("quick").replace(
-      dataset="synthetic", num_tasks=3, hidden=(16,), batch_size=32,
-      epochs=3, eval_batch_size=100, fisher_batch_size=128, progress=False,
-      seeds=(0,))
-  return base.replace(**changes)
-
-
-@functools.lru_cache(maxsize=None)
-def _stream(kind="permuted", num_tasks=3):
-  tasks = tasks_lib.make_tasks(kind, _dataset(), num_tasks, 0)
-  return train.make_stream(tasks, eval_batch_size=100)
+  return tiny.config(**{"epochs": 3, **changes})
 
 
 def test_run_method_shapes_and_ranges():
