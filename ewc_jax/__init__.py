@@ -8,6 +8,20 @@ from ewc_jax import continual
 from ewc_jax._src.fisher import ESTIMATORS
 from ewc_jax._src.fisher import empirical_fisher
 from ewc_jax._src.fisher import fisher_diagonal
+from ewc_jax._src.importance import SIState
+from ewc_jax._src.importance import mas_importance
+from ewc_jax._src.importance import si_importance
+from ewc_jax._src.importance import si_reset
+from ewc_jax._src.importance import synaptic_intelligence
+from ewc_jax._src.kfac import KFACCurvature
+from ewc_jax._src.kfac import KroneckerFactors
+from ewc_jax._src.kfac import dense_layers
+from ewc_jax._src.kfac import kfac_fisher
+from ewc_jax._src.kfac import kfac_penalty
+from ewc_jax._src.kfac_tracer import DenseLayer
+from ewc_jax._src.kfac_transform import KFACEWCState
+from ewc_jax._src.kfac_transform import kfac_consolidate
+from ewc_jax._src.kfac_transform import kfac_ewc
 from ewc_jax._src.transform import EWCState
 from ewc_jax._src.transform import consolidate
 from ewc_jax._src.transform import ewc
@@ -17,13 +31,27 @@ from ewc_jax._src.transform import penalty
 __version__ = "0.1.0"
 
 __all__ = [
+    "DenseLayer",
     "ESTIMATORS",
     "EWCState",
+    "KFACCurvature",
+    "KFACEWCState",
+    "KroneckerFactors",
+    "SIState",
     "consolidate",
     "continual",
+    "dense_layers",
     "empirical_fisher",
     "ewc",
     "ewc_penalty",
     "fisher_diagonal",
+    "kfac_consolidate",
+    "kfac_ewc",
+    "kfac_fisher",
+    "kfac_penalty",
+    "mas_importance",
     "penalty",
+    "si_importance",
+    "si_reset",
+    "synaptic_intelligence",
 ]

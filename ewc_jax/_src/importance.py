@@ -1,0 +1,245 @@
+"""Parameter importances other than the Fisher: MAS and Synaptic Intelligence.
+
+Both return a pytree shaped like the parameters, >= 0, that feeds
+:func:`ewc_jax.consolidate` in place of a Fisher.
+"""
+
+import functools
+from typing import Any, Callable, NamedTuple, Optional
+
+import chex
+import jax
+import jax.numpy as jnp
+import optax
+
+from ewc_jax._src import batches as batches_lib
+from ewc_jax._src import tree as tree_lib
+
+
+def _inputs(chunk):
+  """A chunk is the inputs, or an ``(inputs, labels)`` pair."""
+  if isinstance(chunk, tuple) and len(chunk) == 2:
+    return chunk[0]
+  return chunk
+
+
+@functools.partial(jax.jit, static_argnums=(0,), donate_argnums=(1,))
+def _mas_step(apply_fn, acc, params, inputs, mask):
+  def sq_norm(p, x):
+    out = apply_fn(p, jax.tree.map(lambda a: a[None], x))
+    return jnp.sum(jnp.square(out.astype(jnp.float32)))
+
+  grads = jax.vmap(jax.grad(sq_norm), in_axes=(None, 0))(params, inputs)
+  return jax.tree.map(
+      lambda a, g: a + jnp.einsum("b,b...->...", mask,
+                                  jnp.abs(g.astype(jnp.float32))),
+      acc, grads)
+
+
+def mas_importance(
+    apply_fn: Callable[[Any, Any], jax.Array],
+    params: Any,
+    data: Any,
+    *,
+    batch_size: Optional[int] = None,
+) -> Any:
+  r"""Memory Aware Synapses' importance (Aljundi et al. 2018).
+
+  .. math::
+    \Omega = \frac{1}{N} \sum_{n=1}^N \left| \frac{\partial
+      \|f(x_n; \theta)\|_2^2}{\partial \theta} \right|
+
+  with ``f`` the model's output (the logits: no labels needed), per example,
+  averaged over the ``N`` examples. Feed it to :func:`ewc_jax.consolidate`
+  as the Fisher; MAS's penalty ``lam_MAS * sum Omega (theta - theta*)^2`` has
+  no 1/2, so use ``lam = 2 * lam_MAS`` in :func:`ewc_jax.ewc`.
+
+  Example:
+    >>> import jax.numpy as jnp, ewc_jax
+    >>> params = {'w': jnp.array([[1.0], [2.0]])}
+    >>> x = jnp.array([[1.0, 0.0], [0.0, 1.0]])
+    >>> omega = ewc_jax.mas_importance(lambda p, x: x @ p['w'], params, x)
+    >>> print(omega['w'][:, 0])  # |2 (x.w) x|, averaged: ([2, 0] + [0, 4]) / 2
+    [1. 2.]
+
+  Args:
+    apply_fn: ``apply_fn(params, inputs) -> outputs`` ``[batch, ...]``, in
+      evaluation mode.
+    params: the parameter pytree.
+    data: the inputs (leading example axis), an ``(inputs, labels)`` pair
+      (labels ignored, so the Fisher's data serves), or an iterable of
+      either. Pytree inputs must come as ``(inputs, None)``.
+    batch_size: examples per jitted chunk (padded); ``None``: 64. Memory is
+      O(batch_size x #params).
+
+  Returns:
+    A float32 pytree shaped like ``params``.
+
+  References:
+    Aljundi et al., `Memory Aware Synapses: Learning what (not) to forget
+    <https://arxiv.org/abs/1711.09601>`_, ECCV 2018.
+  """
+  batch_size = 64 if batch_size is None else batch_size
+  acc = jax.tree.map(lambda p: jnp.zeros_like(p, jnp.float32), params)
+  count = 0
+  inputs = (_inputs(x) for x in batches_lib.batches(data, "data"))
+  for chunk, mask in batches_lib.chunks(inputs, batch_size, "data"):
+    acc = _mas_step(apply_fn, acc, params, chunk, jnp.asarray(mask))
+    count += int(mask.sum())
+  if count == 0:
+    raise ValueError("data holds no examples: MAS needs at least one.")
+  out = jax.tree.map(lambda a: a / count, acc)
+  tree_lib.check_finite("the MAS importance", out)
+  return out
+
+
+class SIState(NamedTuple):
+  """State of :func:`synaptic_intelligence`.
+
+  Attributes:
+    inner: the wrapped optimiser's state.
+    omega: float32, shaped like params: the current task's path integral
+      ``-sum_steps g * update``.
+    start: float32, shaped like params: the parameters at the task's start.
+  """
+  inner: Any
+  omega: chex.ArrayTree
+  start: chex.ArrayTree
+
+
+def synaptic_intelligence(
+    inner: optax.GradientTransformation) -> optax.GradientTransformation:
+  r"""Wraps an optimiser to record Synaptic Intelligence's path integral.
+
+  Each step the wrapper sees the gradient ``g`` it is given (the TASK
+  gradient: compute it from the task loss alone, and let a penalty such as
+  :func:`ewc_jax.ewc` inside ``inner`` add its pull) and the final update
+  ``u`` that ``inner`` returns, and accumulates (Zenke et al. 2017)
+
+  .. math:: \omega \leftarrow \omega - g \odot u,
+
+  ``u`` being the parameter change ``optax.apply_updates`` makes. At a
+  task's end :func:`si_importance` turns ``omega`` into the importance and
+  :func:`si_reset` starts the next task. Any optax chain gets SI by being
+  wrapped::
+
+    opt = ewc_jax.synaptic_intelligence(
+        optax.chain(ewc_jax.ewc(2 * c, mode="online"), optax.adam(1e-3)))
+    ...  # train task t with opt.update(task_grads, state, params)
+    state = ewc_jax.consolidate(state, params,
+                                ewc_jax.si_importance(state, params, xi=0.1))
+    state = ewc_jax.si_reset(state, params)
+
+  Zenke's penalty ``c * sum Omega (theta - theta*)^2`` has no 1/2, hence
+  ``lam = 2c``; its reference anchors one quadratic at the latest
+  parameters and sums the importances, which is ``mode="online"`` with
+  ``gamma=1``.
+
+  Example:
+    >>> import jax.numpy as jnp, optax, ewc_jax
+    >>> params = {'w': jnp.array([0.0, 0.0])}
+    >>> opt = ewc_jax.synaptic_intelligence(optax.sgd(0.5))
+    >>> state = opt.init(params)
+    >>> g = {'w': jnp.array([2.0, -1.0])}
+    >>> u, state = opt.update(g, state, params)
+    >>> print(state.omega['w'])  # -g * (-0.5 g) = 0.5 g^2
+    [2.  0.5]
+
+  Args:
+    inner: the optimiser to wrap (any ``GradientTransformation``).
+
+  Returns:
+    A ``GradientTransformation`` whose state is an :class:`SIState`.
+
+  References:
+    Zenke, Poole & Ganguli, `Continual Learning Through Synaptic
+    Intelligence <https://arxiv.org/abs/1703.04200>`_, ICML 2017.
+  """
+  if not isinstance(inner, optax.GradientTransformation):
+    raise ValueError("synaptic_intelligence wraps an optax "
+                     f"GradientTransformation; got {type(inner).__name__}.")
+
+  def init_fn(params):
+    return SIState(
+        inner=inner.init(params),
+        omega=jax.tree.map(lambda p: jnp.zeros_like(p, jnp.float32), params),
+        start=jax.tree.map(
+            lambda p: jnp.array(p, jnp.float32, copy=True), params))
+
+  def update_fn(updates, state, params=None):
+    grads = updates
+    updates, inner_state = inner.update(grads, state.inner, params)
+    omega = jax.tree.map(
+        lambda w, g, u: w - g.astype(jnp.float32) * u.astype(jnp.float32),
+        state.omega, grads, updates)
+    return updates, SIState(inner_state, omega, state.start)
+
+  return optax.GradientTransformation(init_fn, update_fn)
+
+
+def _find_si(opt_state, fn_name):
+  found = [s for s in jax.tree.leaves(
+      opt_state, is_leaf=lambda x: isinstance(x, SIState))
+           if isinstance(s, SIState)]
+  if len(found) != 1:
+    raise ValueError(
+        f"{fn_name} needs exactly one ewc_jax.synaptic_intelligence state in "
+        f"opt_state; found {len(found)}.")
+  return found[0]
+
+
+def si_importance(opt_state: Any, params: Any, *, xi: float = 0.1) -> Any:
+  r"""Synaptic Intelligence's importance of the task just finished.
+
+  .. math::
+    \Omega_t = \max\!\left(0, \frac{\omega}{(\theta - \theta_{start})^2
+      + \xi}\right)
+
+  with ``omega`` the path integral recorded by
+  :func:`synaptic_intelligence` and ``theta - theta_start`` the task's total
+  displacement. Feed it to :func:`ewc_jax.consolidate` as the Fisher.
+
+  Zenke's reference clips the running total, ``Omega <- max(0, Omega +
+  omega / (Delta^2 + xi))``; this clips each task's term, because
+  :func:`ewc_jax.consolidate` folds tasks by adding non-negative
+  curvatures. The two differ only where a task's path integral is negative
+  (the loss went up along that coordinate) and an earlier task had credited
+  it: there Zenke lowers the old importance and this keeps it.
+
+  Args:
+    opt_state: an optimiser state holding one :class:`SIState`.
+    params: the parameters at the end of the task.
+    xi: the damping ``xi > 0`` (Zenke et al. use 0.1 on MNIST, 1e-3 on
+      CIFAR).
+
+  Returns:
+    A float32 pytree shaped like ``params``, >= 0.
+  """
+  if tree_lib.is_concrete(xi) and not float(xi) > 0:
+    raise ValueError(f"xi must be a number > 0, got {xi!r}.")
+  s = _find_si(opt_state, "si_importance")
+  tree_lib.check_same_structure("the SI state", s.omega, "params", params)
+  return jax.tree.map(
+      lambda w, p, p0: jnp.maximum(w, 0.0) / (
+          jnp.square(jnp.asarray(p, jnp.float32) - p0) + xi),
+      s.omega, params, s.start)
+
+
+def si_reset(opt_state: Any, params: Any) -> Any:
+  """Starts a new task: ``omega = 0`` and ``start = params`` in the SI state.
+
+  Args:
+    opt_state: an optimiser state holding one :class:`SIState`.
+    params: the parameters at the new task's start.
+
+  Returns:
+    ``opt_state`` with the SI state reset (shapes unchanged, no retrace).
+  """
+  s = _find_si(opt_state, "si_reset")
+  tree_lib.check_same_structure("the SI state", s.start, "params", params)
+  fresh = s._replace(
+      omega=jax.tree.map(jnp.zeros_like, s.omega),
+      start=jax.tree.map(lambda p: jnp.array(p, jnp.float32, copy=True),
+                         params))
+  return jax.tree.map(lambda x: fresh if isinstance(x, SIState) else x,
+                      opt_state, is_leaf=lambda x: isinstance(x, SIState))
