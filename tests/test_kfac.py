@@ -220,8 +220,9 @@ def test_several_tasks_follow_the_documented_recursion(mode, gamma):
       curvs[0].diagonal, curvs[0].layers)
   center = anchors[1] if mode == "online" else jax.tree.map(
       lambda a, b: (a + b) / 2, *anchors)
-  upd, _ = opt.update(jax.tree.map(jnp.zeros_like, p), state, p)
-  ref = jax.grad(lambda q: ewc_jax.kfac_penalty(q, center, pooled, 1.0))(p)
+  upd, _ = jax.jit(opt.update)(jax.tree.map(jnp.zeros_like, p), state, p)
+  ref = jax.jit(jax.grad(
+      lambda q: ewc_jax.kfac_penalty(q, center, pooled, 1.0)))(p)
   chex.assert_trees_all_close(upd, ref, rtol=1e-5, atol=1e-6)
 
 
@@ -280,3 +281,29 @@ def test_bad_inputs_name_the_problem():
   with pytest.raises(ValueError, match=r"params\['w0'\]"):
     ewc_jax.kfac_ewc(1.0, curv.layers).init(
         dict(p, w0=jnp.zeros((2, 2))))
+
+
+def test_state_is_found_inside_inject_hyperparams_and_si():
+  p = _mlp_params([3, 2], True)
+  x = jax.random.normal(jax.random.key(32), (4, 3))
+  curv = ewc_jax.kfac_fisher(_mlp, p, (x, None))
+  opt = ewc_jax.synaptic_intelligence(optax.chain(
+      optax.inject_hyperparams(ewc_jax.kfac_ewc, static_args=(
+          "layers", "mode"))(lam=4.0, layers=curv.layers), optax.sgd(1.0)))
+  state = ewc_jax.kfac_consolidate(opt.init(p), p, curv)
+  moved = jax.tree.map(lambda q: q + 0.5, p)
+  upd, _ = jax.jit(opt.update)(jax.tree.map(jnp.zeros_like, p), state,
+                               moved)
+  ref = jax.grad(lambda q: ewc_jax.kfac_penalty(q, p, curv, 4.0))(moved)
+  chex.assert_trees_all_close(upd, jax.tree.map(jnp.negative, ref),
+                              rtol=1e-5, atol=1e-6)
+
+
+@pytest.mark.parametrize("name", ["ewc_jax._src.kfac",
+                                  "ewc_jax._src.kfac_transform"])
+def test_docstring_examples(name):
+  import doctest  # noqa: PLC0415
+  import importlib  # noqa: PLC0415
+  result = doctest.testmod(importlib.import_module(name),
+                           optionflags=doctest.NORMALIZE_WHITESPACE)
+  assert result.attempted > 0 and result.failed == 0

@@ -121,3 +121,11 @@ def test_si_bad_inputs():
     ewc_jax.si_importance(state, params, xi=0.0)
   with pytest.raises(ValueError, match="GradientTransformation"):
     ewc_jax.synaptic_intelligence(lambda g: g)
+
+
+def test_docstring_examples():
+  import doctest  # noqa: PLC0415
+  from ewc_jax._src import importance  # noqa: PLC0415
+  result = doctest.testmod(importance,
+                           optionflags=doctest.NORMALIZE_WHITESPACE)
+  assert result.attempted > 0 and result.failed == 0
