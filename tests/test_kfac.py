@@ -75,7 +75,7 @@ def test_factors_equal_explicit_per_example(bias, estimator):
   else:
     weights = lambda e, logits: jax.nn.one_hot(y[e], 3)
   ref = _reference_factors(p, x, weights)
-  assert [(l.kernel, l.bias) for l in curv.layers] == [
+  assert [(ly.kernel, ly.bias) for ly in curv.layers] == [
       ("['w0']", "['b0']" if bias else None),
       ("['w1']", "['b1']" if bias else None)]
   for f, (a, g) in zip(curv.factors, ref):
@@ -148,7 +148,7 @@ def test_unprovable_layers_fall_back_to_the_diagonal():
     return h @ p["head"]
 
   curv = ewc_jax.kfac_fisher(apply_fn, params, (x, y), estimator="empirical")
-  assert [l.kernel for l in curv.layers] == ["['head']"]
+  assert [ly.kernel for ly in curv.layers] == ["['head']"]
   diag = ewc_jax.fisher_diagonal(apply_fn, params, (x, y),
                                  estimator="empirical", path="vmap")
   for k in ("tok", "shared", "scan"):

@@ -16,7 +16,7 @@ def is_batch(data: Any) -> bool:
 
 
 def batches(data: Any, name: str) -> Iterator[Any]:
-  """Yields the batches of ``data``: one array pytree, or an iterable of them."""
+  """Yields the batches of ``data``: an array pytree, or an iterable of them."""
   if is_batch(data):
     yield data
     return

@@ -232,8 +232,8 @@ def kfac_fisher(
       ref = _plan(apply_fn, params, inputs)
       plan = ref.plan
       acc = [KroneckerFactors(
-          jnp.zeros([l.d_in + (l.bias is not None)] * 2, jnp.float32),
-          jnp.zeros([l.d_out] * 2, jnp.float32)) for l in plan.layers]
+          jnp.zeros([ly.d_in + (ly.bias is not None)] * 2, jnp.float32),
+          jnp.zeros([ly.d_out] * 2, jnp.float32)) for ly in plan.layers]
       num_classes = jax.eval_shape(apply_fn, params, inputs).shape[-1]
     real = int(mask.sum())
     labels = _labels(estimator, labels, real, num_classes, batch_size)
@@ -268,8 +268,8 @@ def _labels(estimator, labels, real, num_classes, batch_size):
 def _diagonal(apply_fn, params, data, plan, estimator, rng, num_samples,
               batch_size):
   """The diagonal Fisher of non-layer leaves; MaskedNode at layer leaves."""
-  covered = {l.kernel_index for l in plan.layers} | {
-      l.bias_index for l in plan.layers if l.bias is not None}
+  covered = {ly.kernel_index for ly in plan.layers} | {
+      ly.bias_index for ly in plan.layers if ly.bias is not None}
   leaves, treedef = jax.tree.flatten(params)
   if len(covered) == len(leaves):
     diag = [None] * len(leaves)

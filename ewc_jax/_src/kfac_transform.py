@@ -60,13 +60,13 @@ def _flat(tree):
 
 
 def _layer_paths(layers):
-  return {l.kernel for l in layers} | {l.bias for l in layers
-                                       if l.bias is not None}
+  return {ly.kernel for ly in layers} | {ly.bias for ly in layers
+                                       if ly.bias is not None}
 
 
 def _check_layers(layers):
   if not isinstance(layers, (tuple, list)) or not all(
-      isinstance(l, kfac_lib.DenseLayer) for l in layers):
+      isinstance(ly, kfac_lib.DenseLayer) for ly in layers):
     raise ValueError(
         "layers must be a tuple of DenseLayer, from ewc_jax.dense_layers("
         "apply_fn, params, inputs) or kfac_fisher(...).layers; got "
@@ -184,20 +184,21 @@ def kfac_ewc(
     if missing:
       raise ValueError(f"params lacks the layer leaves {missing[:3]} that "
                        "kfac_ewc's layers name.")
-    for l in layers:
-      want = (l.d_out, l.d_in) if l.transposed else (l.d_in, l.d_out)
-      if jnp.shape(p[l.kernel]) != want:
-        raise ValueError(f"params{l.kernel} has shape {jnp.shape(p[l.kernel])}"
-                         f"; the layer expects {want}.")
+    for ly in layers:
+      want = (ly.d_out, ly.d_in) if ly.transposed else (ly.d_in, ly.d_out)
+      if jnp.shape(p[ly.kernel]) != want:
+        raise ValueError(
+            f"params{ly.kernel} has shape {jnp.shape(p[ly.kernel])}; the "
+            f"layer expects {want}.")
     zeros = lambda x: jnp.zeros_like(x, jnp.float32)
     flat, treedef = jax.tree_util.tree_flatten_with_path(params)
     diagonal = jax.tree.unflatten(treedef, [
         optax.MaskedNode() if jax.tree_util.keystr(k) in covered else zeros(x)
         for k, x in flat])
     return KFACEWCState(
-        a=tuple(jnp.zeros([l.d_in + (l.bias is not None)] * 2, jnp.float32)
-                for l in layers),
-        g=tuple(jnp.zeros([l.d_out] * 2, jnp.float32) for l in layers),
+        a=tuple(jnp.zeros([ly.d_in + (ly.bias is not None)] * 2, jnp.float32)
+                for ly in layers),
+        g=tuple(jnp.zeros([ly.d_out] * 2, jnp.float32) for ly in layers),
         weight=jnp.zeros([], jnp.float32), diagonal=diagonal,
         anchor=jax.tree.map(zeros, params),
         lam=jnp.asarray(lam, jnp.float32),
@@ -214,12 +215,12 @@ def kfac_ewc(
     u, paths, treedef = _flat(updates)
     scale = lam_f32 * jnp.where(state.weight > 0, 1.0 / state.weight, 0.0)
     pulls = {}
-    for l, a, g in zip(layers, state.a, state.g):
+    for ly, a, g in zip(layers, state.a, state.g):
       pull_w, pull_b = kfac_lib.split_delta(
-          l, scale * (a @ _delta(l, p, c) @ g))
-      pulls[l.kernel] = pull_w
-      if l.bias is not None:
-        pulls[l.bias] = pull_b
+          ly, scale * (a @ _delta(ly, p, c) @ g))
+      pulls[ly.kernel] = pull_w
+      if ly.bias is not None:
+        pulls[ly.bias] = pull_b
     f, _, _ = _flat(state.diagonal)
     for path, fi in f.items():
       pulls[path] = lam_f32 * fi * (jnp.asarray(p[path], jnp.float32)
@@ -280,8 +281,8 @@ def kfac_consolidate(opt_state: Any, params: Any,
 
   The state is found wherever it sits (``optax.chain``,
   ``optax.inject_hyperparams``, :func:`synaptic_intelligence`, ...; not
-  under ``optax.masked``: the ``layers`` already choose the leaves). Shapes never
-  change, so a jitted step taking ``opt_state`` is not retraced; this may
+  under ``optax.masked``: the ``layers`` already choose the leaves). Shapes
+  never change, so a jitted step taking ``opt_state`` is not retraced; this may
   itself run under ``jax.jit`` (value checks are then skipped).
 
   Args:
