@@ -307,3 +307,12 @@ def test_docstring_examples(name):
   result = doctest.testmod(importlib.import_module(name),
                            optionflags=doctest.NORMALIZE_WHITESPACE)
   assert result.attempted > 0 and result.failed == 0
+
+
+def test_layers_inside_jit_calls_are_found():
+  p = _mlp_params([3, 4, 2], True)
+  x = jax.random.normal(jax.random.key(33), (5, 3))
+  plain = ewc_jax.kfac_fisher(_mlp, p, (x, None))
+  jitted = ewc_jax.kfac_fisher(jax.jit(_mlp), p, (x, None))
+  assert jitted.layers == plain.layers and len(plain.layers) == 2
+  chex.assert_trees_all_close(jitted.factors, plain.factors, rtol=1e-6)

@@ -167,7 +167,8 @@ def kfac_fisher(
 
   with ``x~ = [x, 1]`` when the layer has a bias (the homogeneous coordinate
   last, as kfac-jax's dense blocks) and ``g_c = d log p(c|x) / d y``. The
-  weights ``w_c`` are the estimator's: ``"exact"``: ``p(c|x)`` over every
+  weights ``w_c`` are the estimator's (any per-example estimator of
+  :func:`ewc_jax.fisher_diagonal`): ``"exact"``: ``p(c|x)`` over every
   class; ``"sampled"``: ``num_samples`` labels drawn from ``p(.|x)``, each
   ``1/num_samples``; ``"empirical"``: the data label, weight 1. ``A kron G``
   acts on ``vec(D)`` taken row-major (``D.reshape(-1)``). Every other
@@ -314,6 +315,11 @@ def check_curvature(curvature: Any, params: Any, name: str = "curvature"):
   for layer, f in zip(curvature.layers, curvature.factors):
     want = (layer.d_in + (layer.bias is not None), layer.d_out)
     shape = jnp.shape(leaves[layer.kernel_index])
+    if layer.bias is not None and jnp.shape(
+        leaves[layer.bias_index]) != (layer.d_out,):
+      raise ValueError(
+          f"{name}'s block for params{layer.bias} expects shape "
+          f"({layer.d_out},); got {jnp.shape(leaves[layer.bias_index])}.")
     if (shape != ((layer.d_out, layer.d_in) if layer.transposed
                   else (layer.d_in, layer.d_out))
         or jnp.shape(f.a) != (want[0],) * 2
@@ -347,6 +353,8 @@ def kfac_penalty(params: Any, anchor: Any, curvature: KFACCurvature,
   """
   tree_lib.check_same_structure("params", params, "anchor", anchor)
   check_curvature(curvature, params)
+  if tree_lib.is_concrete(lam) and not float(lam) >= 0:
+    raise ValueError(f"lam must be a number >= 0, got {lam!r}.")
   leaves, anchors = jax.tree.leaves(params), jax.tree.leaves(anchor)
   total = jnp.zeros([], jnp.float32)
   for layer, f in zip(curvature.layers, curvature.factors):
