@@ -176,6 +176,10 @@ def kfac_fisher(
   gets the diagonal Fisher of :func:`ewc_jax.fisher_diagonal` with the same
   estimator (for ``"sampled"`` its labels are drawn separately).
 
+  The model is traced once per ``apply_fn`` object and input shape, and the
+  jitted pass is cached with it: reuse the same ``apply_fn`` across tasks.
+  Factors are accumulated in float32 (parameters are cast for the pass).
+
   Example:
     >>> import jax, jax.numpy as jnp, ewc_jax
     >>> params = {'w': jnp.zeros((3, 2)), 'b': jnp.zeros(2)}
