@@ -13,12 +13,16 @@ from ewc_jax._src.transform import consolidate
 from ewc_jax._src.transform import ewc
 from ewc_jax._src.transform import ewc_penalty
 from ewc_jax._src.transform import penalty
+from ewc_jax._src.types import Estimator
+from ewc_jax._src.types import Mode
 
 __version__ = "0.1.0"
 
 __all__ = [
     "ESTIMATORS",
     "EWCState",
+    "Estimator",
+    "Mode",
     "consolidate",
     "continual",
     "empirical_fisher",
