@@ -3,7 +3,6 @@
 import warnings
 from typing import Any, Callable, NamedTuple, Optional, Union
 
-import chex
 import jax
 import jax.numpy as jnp
 import optax
@@ -59,11 +58,11 @@ class EWCState(NamedTuple):
     mode: ``"separate"`` or ``"online"``, a :class:`StaticStr`.
   """
 
-  curvature: chex.ArrayTree
-  center: chex.ArrayTree
-  residual: chex.Array
-  gamma: chex.Array
-  num_tasks: chex.Array
+  curvature: Any
+  center: Any
+  residual: jax.Array
+  gamma: jax.Array
+  num_tasks: jax.Array
   mode: StaticStr
 
 
