@@ -352,6 +352,8 @@ def penalty(params: Any, opt_state: Any, lam: Any = None) -> jax.Array:
     hyper_lib.check_lam(lam)
   total = jnp.zeros([], jnp.float32)
   for s, injected in found:
+    tree_lib.check_same_structure(
+        "the EWC state", s.curvature, "params", params, is_leaf=_is_masked)
     s_lam = injected if lam is None else lam
     if s_lam is None:
       raise ValueError(
@@ -360,8 +362,6 @@ def penalty(params: Any, opt_state: Any, lam: Any = None) -> jax.Array:
           "lam=...), or build the optimiser with optax.inject_hyperparams("
           "ewc_jax.ewc, static_args=('mode',))(lam=...) so that the state "
           "holds it.")
-    tree_lib.check_same_structure(
-        "the EWC state", s.curvature, "params", params, is_leaf=_is_masked)
     terms = jax.tree.map(
         lambda a, c, p: jnp.zeros([]) if _is_masked(a) else jnp.sum(
             a * jnp.square(jnp.asarray(p, jnp.float32) - c)),
