@@ -100,7 +100,8 @@ def ewc(
   ``lam`` is a hyperparameter like optax's learning rates: fixed here, or
   schedulable and settable without retracing under
   ``optax.inject_hyperparams(ewc_jax.ewc, static_args=("mode",))`` (then
-  ``optax.tree_utils.tree_set(opt_state, lam=...)`` changes the pull).
+  ``optax.tree_utils.tree_set(opt_state, lam=jnp.float32(x))`` changes the
+  pull; a Python float is weakly typed and retraces a jitted step once).
   ``gamma`` lives in the :class:`EWCState` (see there).
 
   The pull is computed in float32 and cast back to each update's dtype.
