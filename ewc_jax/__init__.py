@@ -27,6 +27,8 @@ from ewc_jax._src.transform import consolidate
 from ewc_jax._src.transform import ewc
 from ewc_jax._src.transform import ewc_penalty
 from ewc_jax._src.transform import penalty
+from ewc_jax._src.types import Estimator
+from ewc_jax._src.types import Mode
 
 __version__ = "0.1.0"
 
@@ -34,9 +36,11 @@ __all__ = [
     "DenseLayer",
     "ESTIMATORS",
     "EWCState",
+    "Estimator",
     "KFACCurvature",
     "KFACEWCState",
     "KroneckerFactors",
+    "Mode",
     "SIState",
     "consolidate",
     "continual",

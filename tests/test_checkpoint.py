@@ -12,8 +12,8 @@ import ewc_jax
 def test_orbax_round_trip_of_an_ewc_optimizer_state(tmp_path):
   params = {"w": jnp.arange(6.0).reshape(3, 2), "b": jnp.ones(2)}
   opt = optax.chain(
-      optax.inject_hyperparams(ewc_jax.ewc)(lam=3.0, mode="online",
-                                            gamma=0.7),
+      optax.inject_hyperparams(ewc_jax.ewc, static_args=("mode", "gamma"))(
+          lam=3.0, mode="online", gamma=0.7),
       optax.adam(1e-3))
   state = opt.init(params)
   for k in range(2):

@@ -61,7 +61,7 @@ def test_transformation_properties(tree_rng, lam, mode, gamma, tasks):
     # finite wherever the exact pull fits the dtype's range
     if u.dtype == jnp.float32:
       assert bool(jnp.all(jnp.isfinite(nu)))
-  penalty = ewc_jax.penalty(params, new_state)
+  penalty = ewc_jax.penalty(params, new_state, lam=lam)
   assert bool(jnp.isfinite(penalty)) and float(penalty) >= 0
   if tasks == 0:
     for u, nu in zip(jax.tree.leaves(updates), jax.tree.leaves(new_updates)):

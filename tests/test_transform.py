@@ -1,5 +1,8 @@
 """The EWC transformation against autodiff of the penalty."""
 
+import inspect
+import typing
+
 import chex
 import jax
 import jax.numpy as jnp
@@ -52,7 +55,7 @@ def test_step_equals_optimiser_on_loss_plus_penalty(inner):
     chex.assert_trees_all_close(updates, ref_updates, rtol=1e-6, atol=1e-6)
     params = optax.apply_updates(params, updates)
   np.testing.assert_allclose(
-      ewc_jax.penalty(params, state),
+      ewc_jax.penalty(params, state, lam=lam),
       ewc_jax.ewc_penalty(params, anchor, fisher, lam), rtol=1e-6)
 
 
@@ -61,7 +64,8 @@ def test_nothing_changes_before_the_first_consolidation():
   g = random_tree(5, PARAMS)
   updates, _ = opt.update(g, opt.init(PARAMS), random_tree(6, PARAMS))
   chex.assert_trees_all_equal(updates, g)
-  assert float(ewc_jax.penalty(random_tree(7, PARAMS), opt.init(PARAMS))) == 0
+  assert float(ewc_jax.penalty(random_tree(7, PARAMS), opt.init(PARAMS),
+                               lam=100.0)) == 0
 
 
 def test_separate_mode_is_the_sum_of_the_task_penalties():
@@ -79,8 +83,8 @@ def test_separate_mode_is_the_sum_of_the_task_penalties():
     return sum(ewc_jax.ewc_penalty(p, a, f, lam)
                for a, f in zip(anchors, fishers))
 
-  np.testing.assert_allclose(ewc_jax.penalty(theta, state), explicit(theta),
-                             rtol=1e-5)
+  np.testing.assert_allclose(ewc_jax.penalty(theta, state, lam=lam),
+                             explicit(theta), rtol=1e-5)
   zeros = jax.tree.map(jnp.zeros_like, theta)
   pull, _ = opt.update(zeros, state, theta)
   chex.assert_trees_all_close(pull, jax.grad(explicit)(theta), rtol=1e-5,
@@ -99,7 +103,7 @@ def test_online_mode_follows_its_recurrence():
   chex.assert_trees_all_close(state.curvature, f_star, rtol=1e-6)
   theta = random_tree(60, PARAMS)
   # One quadratic anchored at the LATEST parameters.
-  np.testing.assert_allclose(ewc_jax.penalty(theta, state),
+  np.testing.assert_allclose(ewc_jax.penalty(theta, state, lam=lam),
                              ewc_jax.ewc_penalty(theta, anchor, f_star, lam),
                              rtol=1e-5)
   pull, _ = opt.update(jax.tree.map(jnp.zeros_like, theta), state, theta)
@@ -149,30 +153,135 @@ def test_consolidate_finds_the_state_and_step_traces_once(wrap):
   assert len(traces) == 1
   # The pull is really active: the penalty is positive after moving away.
   moved = jax.tree.map(lambda p: p + 1.0, params)
-  assert float(ewc_jax.penalty(moved, state)) > 0
+  assert float(ewc_jax.penalty(moved, state, lam=1.5)) > 0
   if wrap in ("masked", "ewc_mask"):
     # The bias is masked out: moving it alone costs nothing.
     only_bias = {"dense": {"kernel": params["dense"]["kernel"],
                            "bias": params["dense"]["bias"] + 5.0},
                  "scale": params["scale"]}
-    np.testing.assert_allclose(ewc_jax.penalty(only_bias, state),
-                               ewc_jax.penalty(params, state), rtol=1e-6)
+    np.testing.assert_allclose(ewc_jax.penalty(only_bias, state, lam=1.5),
+                               ewc_jax.penalty(params, state, lam=1.5),
+                               rtol=1e-6)
 
 
-def test_lam_is_schedulable_with_inject_hyperparams():
+def test_lam_is_settable_with_tree_set_under_inject_hyperparams():
   params, anchor = random_tree(0, PARAMS), random_tree(1, PARAMS)
   fisher = random_fisher(2, PARAMS)
-  opt = optax.inject_hyperparams(ewc_jax.ewc)(lam=1.0)
+  opt = optax.inject_hyperparams(ewc_jax.ewc, static_args=("mode",))(lam=1.0)
   state = ewc_jax.consolidate(opt.init(params), anchor, fisher)
   zeros = jax.tree.map(jnp.zeros_like, params)
-  u1, state = opt.update(zeros, state, params)
-  state.hyperparams["lam"] = jnp.asarray(4.0)
-  u4, state = opt.update(zeros, state, params)
-  chex.assert_trees_all_close(jax.tree.map(lambda u: 4 * u, u1), u4,
-                              rtol=1e-6)
+  update = jax.jit(opt.update)
+  u1, state = update(zeros, state, params)
+  # A strongly typed f32, as the state holds (a Python float or
+  # jnp.asarray(4.0) is weakly typed and would retrace the update once).
+  state = optax.tree_utils.tree_set(state, lam=jnp.float32(4.0))
+  assert float(optax.tree_utils.tree_get(state, "lam")) == 4.0
+  # The penalty reads the one injected lam, before and after an update.
   np.testing.assert_allclose(ewc_jax.penalty(params, state),
                              ewc_jax.ewc_penalty(params, anchor, fisher, 4.0),
                              rtol=1e-5)
+  u4, state = update(zeros, state, params)
+  chex.assert_trees_all_close(
+      u4, jax.grad(ewc_jax.ewc_penalty)(params, anchor, fisher, 4.0),
+      rtol=1e-5, atol=1e-6)
+  chex.assert_trees_all_close(jax.tree.map(lambda u: 4 * u, u1), u4,
+                              rtol=1e-6)
+  assert update._cache_size() == 1  # tree_set did not retrace
+
+
+def test_a_lam_schedule_through_inject_hyperparams_changes_the_pull():
+  params, anchor = random_tree(0, PARAMS), random_tree(1, PARAMS)
+  fisher = random_fisher(2, PARAMS)
+  schedule = optax.linear_schedule(0.0, 10.0, transition_steps=4)
+  opt = optax.chain(
+      optax.inject_hyperparams(ewc_jax.ewc, static_args=("mode",))(
+          lam=schedule, mode="online", gamma=None),
+      optax.sgd(1.0))
+  state = ewc_jax.consolidate(opt.init(params), anchor, fisher)
+  zeros = jax.tree.map(jnp.zeros_like, params)
+  update = jax.jit(opt.update)
+  for step in range(6):
+    updates, state = update(zeros, state, params)
+    lam = 10.0 * min(step, 4) / 4  # the schedule at this step's count
+    want = jax.tree.map(lambda g: -g, jax.grad(ewc_jax.ewc_penalty)(
+        params, anchor, fisher, lam))
+    chex.assert_trees_all_close(updates, want, rtol=1e-5, atol=1e-6)
+    np.testing.assert_allclose(
+        ewc_jax.penalty(params, state),
+        ewc_jax.ewc_penalty(params, anchor, fisher, lam), rtol=1e-5,
+        atol=1e-6)
+
+
+def test_a_plain_ewc_state_holds_no_lam():
+  state = ewc_jax.ewc(2.0).init(PARAMS)
+  assert optax.tree_utils.tree_get(state, "lam") is None
+  with pytest.raises(KeyError, match="lam"):  # optax's own loud refusal
+    optax.tree_utils.tree_set(state, lam=3.0)
+  with pytest.raises(ValueError, match="penalty needs lam"):
+    ewc_jax.penalty(PARAMS, state)
+
+
+@pytest.mark.parametrize("wrap", ["plain", "chain", "inject", "masked",
+                                  "multi"])
+def test_tree_get_finds_the_curvature(wrap):
+  params, anchor = random_tree(0, PARAMS), random_tree(1, PARAMS)
+  fisher = random_fisher(2, PARAMS)
+  mask = {"dense": {"kernel": True, "bias": False}, "scale": True}
+  opt = {
+      "plain": lambda: ewc_jax.ewc(1.0),
+      "chain": lambda: optax.chain(ewc_jax.ewc(1.0), optax.adam(0.1)),
+      "inject": lambda: optax.chain(optax.inject_hyperparams(
+          ewc_jax.ewc, static_args=("mode",))(lam=1.0), optax.sgd(0.1)),
+      "masked": lambda: optax.chain(ewc_jax.ewc(1.0, mask=mask),
+                                    optax.sgd(0.1)),
+      "multi": lambda: optax.multi_transform(
+          {"a": ewc_jax.ewc(1.0), "b": optax.sgd(0.1)},
+          {"dense": "a", "scale": "b"}),
+  }[wrap]()
+  state = ewc_jax.consolidate(opt.init(params), anchor, fisher)
+  got = optax.tree_utils.tree_get(state, "curvature")
+  if wrap == "masked":
+    assert isinstance(got["dense"]["bias"], optax.MaskedNode)
+    chex.assert_trees_all_close(got["dense"]["kernel"],
+                                fisher["dense"]["kernel"])
+  elif wrap == "multi":
+    chex.assert_trees_all_close(got["dense"], fisher["dense"])
+  else:
+    chex.assert_trees_all_close(got, fisher)  # one task: A = F
+  assert int(optax.tree_utils.tree_get(state, "num_tasks")) == 1
+
+
+def test_gamma_lives_in_the_state_and_tree_set_changes_consolidation():
+  params = random_tree(0, PARAMS)
+  f1, f2 = random_fisher(1, PARAMS), random_fisher(2, PARAMS)
+  opt = optax.chain(
+      optax.inject_hyperparams(ewc_jax.ewc, static_args=("mode", "gamma"))(
+          lam=1.0, mode="online", gamma=0.9),
+      optax.sgd(0.1))
+  state = opt.init(params)
+  assert float(optax.tree_utils.tree_get(state, "gamma")) == np.float32(0.9)
+  state = ewc_jax.consolidate(state, params, f1)
+  state = optax.tree_utils.tree_set(state, gamma=0.25)
+  state = ewc_jax.consolidate(state, params, f2)
+  chex.assert_trees_all_close(
+      optax.tree_utils.tree_get(state, "curvature"),
+      jax.tree.map(lambda a, b: 0.25 * a + b, f1, f2), rtol=1e-6)
+
+
+def test_an_injected_gamma_is_refused_with_advice():
+  opt = optax.inject_hyperparams(ewc_jax.ewc, static_args=("mode",))(
+      lam=1.0, mode="online", gamma=0.9)
+  with pytest.raises(TypeError, match=r"gamma.*static_args=\('mode', "
+                     r"'gamma'\)"):
+    opt.init(PARAMS)
+
+
+def test_update_accepts_extra_args_on_its_own():
+  opt = ewc_jax.ewc(1.0)
+  assert isinstance(opt, optax.GradientTransformationExtraArgs)
+  g = random_tree(1, PARAMS)
+  updates, _ = opt.update(g, opt.init(PARAMS), PARAMS, value=jnp.ones(()))
+  chex.assert_trees_all_equal(updates, g)
 
 
 def test_dtypes_of_updates_are_kept():
@@ -219,10 +328,12 @@ def test_works_with_an_nnx_model_end_to_end():
     (dict(lam=float("inf")), "lam must be a finite number >= 0"),
     (dict(lam=1.0, gamma=0.0), r"gamma must be a number in \(0, 1\]"),
     (dict(lam=1.0, gamma=1.5), r"gamma must be a number in \(0, 1\]"),
+    (dict(lam=1.0, gamma=True), "gamma must be a number"),
     (dict(lam=1.0, mode="sum"), "mode must be one of"),
+    (dict(lam=jnp.ones(2)), "lam must be a scalar"),
 ])
 def test_bad_hyperparameters_raise(kwargs, match):
-  with pytest.raises(ValueError, match=match):
+  with pytest.raises((TypeError, ValueError), match=match):
     ewc_jax.ewc(**kwargs)
 
 
@@ -290,3 +401,75 @@ def test_first_task_centre_is_exactly_the_anchor():
   pull, _ = ewc_jax.ewc(1.0).update(
       jax.tree.map(jnp.zeros_like, params), state, params)
   assert all(not np.any(np.asarray(u)) for u in jax.tree.leaves(pull))
+
+
+@pytest.mark.parametrize("lam", ["10", None, b"1", True, [1.0],
+                                 lambda count: 1.0, jnp.ones((), jnp.bool_)])
+def test_lam_of_a_wrong_type_is_refused_naming_lam(lam):
+  with pytest.raises(TypeError, match="lam must be a number"):
+    ewc_jax.ewc(lam)
+
+
+@pytest.mark.parametrize("bad, match", [
+    ({"dense": {"kernel": jnp.ones((2, 3)), "bias": jnp.ones(2)},
+      "scale": jnp.ones(())}, r"params\['dense'\]\['kernel'\] has shape "
+                              r"\(2, 3\)"),
+    ({"dense": {"kernel": jnp.ones((3, 2))}, "scale": jnp.ones(())},
+     r"params lacks \[\"\['dense'\]\['bias'\]"),
+    ({"dense": {"kernel": jnp.ones((3, 2)), "bias": jnp.ones(2)},
+      "scale": jnp.ones(()), "extra": jnp.ones(1)},
+     r"params has \[\"\['extra'\]\"\]"),
+])
+@pytest.mark.parametrize("jit", [False, True])
+def test_update_with_params_of_another_shape_names_the_path(bad, match, jit):
+  opt = ewc_jax.ewc(1.0)
+  state = opt.init(PARAMS)
+  update = jax.jit(opt.update) if jit else opt.update
+  with pytest.raises(ValueError, match="unlike those given to init"):
+    update(bad, state, bad)
+  with pytest.raises(ValueError, match=match):
+    update(bad, state, bad)
+
+
+def test_nonfinite_params_in_consolidate_are_blamed_on_the_params():
+  # A diverged model: its params AND the Fisher computed from them are nan.
+  nan_params = {"dense": {"kernel": jnp.ones((3, 2)),
+                          "bias": jnp.array([1.0, jnp.inf])},
+                "scale": jnp.ones(())}
+  nan_fisher = jax.tree.map(lambda x: x * jnp.nan, PARAMS)
+  state = ewc_jax.ewc(1.0).init(PARAMS)
+  with pytest.raises(ValueError, match=r"^params\['dense'\]\['bias'\] has 1 "
+                     "non-finite value.*diverge"):
+    ewc_jax.consolidate(state, nan_params, nan_fisher)
+
+
+@pytest.mark.parametrize("fisher_value, match", [
+    (-1.0, "cannot be negative"), (jnp.nan, "non-finite"),
+    (jnp.inf, "non-finite")])
+def test_ewc_penalty_refuses_a_bad_fisher_as_consolidate_does(fisher_value,
+                                                              match):
+  fisher = {"dense": {"kernel": jnp.ones((3, 2)).at[1, 0].set(fisher_value),
+                      "bias": jnp.ones(2)}, "scale": jnp.ones(())}
+  with pytest.raises(ValueError, match=r"fisher\['dense'\]\['kernel'\].*"
+                     + match):
+    ewc_jax.ewc_penalty(random_tree(0, PARAMS), PARAMS, fisher, 1.0)
+  with pytest.raises(ValueError, match=match):
+    ewc_jax.consolidate(ewc_jax.ewc(1.0).init(PARAMS), PARAMS, fisher)
+  # Under jit the values are not known: no check, the same arithmetic.
+  jitted = jax.jit(ewc_jax.ewc_penalty)(random_tree(0, PARAMS), PARAMS,
+                                        fisher, 1.0)
+  assert jitted.shape == ()
+
+
+def test_ewc_penalty_refuses_a_nonfinite_anchor():
+  anchor = {"dense": {"kernel": jnp.ones((3, 2)), "bias": jnp.ones(2)},
+            "scale": jnp.array(jnp.nan)}
+  with pytest.raises(ValueError, match=r"anchor\['scale'\] has 1 non-finite"):
+    ewc_jax.ewc_penalty(PARAMS, anchor, PARAMS, 1.0)
+
+
+def test_literal_types_list_the_accepted_names():
+  assert typing.get_args(ewc_jax.Mode) == ewc_jax._src.transform.MODES
+  assert set(typing.get_args(ewc_jax.Estimator)) == set(ewc_jax.ESTIMATORS)
+  assert inspect.signature(ewc_jax.ewc).parameters["mode"].annotation == (
+      ewc_jax.Mode)

@@ -207,7 +207,8 @@ def _train_chunk(loss_fn, optimizer, use_ewc, ewc_mask, params, opt_state,
       batch = jax.tree.map(lambda x: x[rows], data)
       loss, grads = jax.value_and_grad(
           lambda p: _mean_loss(loss_fn, p, batch))(params)
-      pen = transform_lib.penalty(params, opt_state) if use_ewc else zero
+      pen = (transform_lib.penalty(params, opt_state, lam=lam) if use_ewc
+             else zero)
       updates, opt_state = tx.update(grads, opt_state, params)
       return (optax.apply_updates(params, updates), opt_state), (loss, pen)
 

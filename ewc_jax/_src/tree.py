@@ -75,10 +75,17 @@ def all_zero(tree: Any) -> bool:
                               for x in leaves)
 
 
-def check_finite(name: str, tree: Any, *, nonnegative: bool = False) -> None:
+def check_finite(name: str, tree: Any, *, nonnegative: bool = False,
+                 hint: str = "") -> None:
   """Raises a ValueError naming the first leaf with a non-finite value.
 
   Tracers (values inside ``jax.jit``) are skipped: the check needs values.
+
+  Args:
+    name: the tree's name in the message (e.g. ``"params"``).
+    tree: the tree to check.
+    nonnegative: also refuse negative values.
+    hint: appended to the non-finite message (what to do about it).
   """
   for path, leaf in _paths(tree).items():
     if not is_concrete(leaf):
@@ -87,7 +94,8 @@ def check_finite(name: str, tree: Any, *, nonnegative: bool = False) -> None:
     if not np.all(np.isfinite(arr)):
       bad = int(np.size(arr) - np.count_nonzero(np.isfinite(arr)))
       raise ValueError(
-          f"{name}{path} has {bad} non-finite value(s) (nan or inf).")
+          f"{name}{path} has {bad} non-finite value(s) (nan or inf)."
+          + (f" {hint}" if hint else ""))
     if nonnegative and np.any(arr < 0):
       raise ValueError(
           f"{name}{path} has negative values (min {arr.min():.3g}); a "

@@ -1,0 +1,69 @@
+"""Validation of the EWC transformation's hyperparameters, lam and gamma."""
+
+import numbers
+from typing import Any
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+from ewc_jax._src import tree as tree_lib
+
+
+def _is_array(x: Any) -> bool:
+  return isinstance(x, (jax.Array, np.ndarray, np.generic))
+
+
+def check_lam(lam: Any) -> None:
+  """Raises a clear error unless ``lam`` is a finite real scalar >= 0.
+
+  Traced values (inside ``jax.jit``, or injected by
+  ``optax.inject_hyperparams``) are checked for dtype and shape only.
+
+  Raises:
+    TypeError: ``lam`` is not a real number or real scalar array.
+    ValueError: ``lam`` is negative, nan, inf or not a scalar.
+  """
+  if callable(lam) and not _is_array(lam):
+    raise TypeError(
+        "lam must be a number >= 0, got a callable; for a schedule use "
+        "optax.inject_hyperparams(ewc_jax.ewc, static_args=('mode',))"
+        "(lam=schedule).")
+  is_number = isinstance(lam, numbers.Real) and not isinstance(lam, bool)
+  is_real_array = ((_is_array(lam) or isinstance(lam, jax.core.Tracer))
+                   and (jnp.issubdtype(lam.dtype, jnp.floating)
+                        or jnp.issubdtype(lam.dtype, jnp.integer)))
+  if not (is_number or is_real_array):
+    raise TypeError(
+        f"lam must be a number >= 0 (float, int or a real scalar array), "
+        f"got {lam!r} of type {type(lam).__name__}.")
+  if jnp.ndim(lam) != 0:
+    raise ValueError(f"lam must be a scalar, got shape {jnp.shape(lam)}.")
+  if tree_lib.is_concrete(lam):
+    value = float(np.asarray(lam))
+    if not np.isfinite(value) or value < 0:
+      raise ValueError(f"lam must be a finite number >= 0, got {value}.")
+
+
+def check_gamma(gamma: Any) -> float:
+  """``gamma`` (None: 1) as a float, or a clear error.
+
+  Raises:
+    TypeError: ``gamma`` is an array (say injected by
+      ``optax.inject_hyperparams``) or not a number.
+    ValueError: ``gamma`` is outside (0, 1].
+  """
+  if gamma is None:
+    return 1.0
+  if _is_array(gamma) or isinstance(gamma, jax.core.Tracer):
+    raise TypeError(
+        "gamma arrived as an array: it is consolidation data kept in "
+        "EWCState.gamma, not an update hyperparameter. With "
+        "optax.inject_hyperparams list it as static (static_args=('mode', "
+        "'gamma')); to change it later use "
+        "optax.tree_utils.tree_set(opt_state, gamma=...).")
+  if isinstance(gamma, bool) or not isinstance(gamma, numbers.Real):
+    raise TypeError(f"gamma must be a number in (0, 1], got {gamma!r}.")
+  if not 0.0 < float(gamma) <= 1.0:
+    raise ValueError(f"gamma must be a number in (0, 1], got {gamma!r}.")
+  return float(gamma)
