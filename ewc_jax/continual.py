@@ -1,4 +1,4 @@
-"""Continual fine-tuning with EWC in one call, in the shape of the PyTorch snippet.
+"""Continual fine-tuning with EWC in one call (the PyTorch snippet's shape).
 
 ``continual_fine_tune(loss_fn, params, old_data, new_data, lam=...)``
 computes the importance of each parameter on the old data, then trains on

@@ -263,7 +263,8 @@ def _import_tfds():
     import tensorflow_datasets as tfds  # noqa: PLC0415
   except ImportError as e:
     raise DataError(
-      f"TFDS datasets need tensorflow-datasets, which cannot be imported ({e}); "
+      "TFDS datasets need tensorflow-datasets, which cannot be imported "
+      f"({e}); "
       "`pip install tensorflow-datasets`, or use --dataset idx --data-dir DIR "
       "or --dataset embedded"
     ) from e

@@ -97,7 +97,8 @@ def test_read_idx_trailing_garbage(tmp_path):
 def test_read_idx_wrong_magic(tmp_path):
   path = write_idx(tmp_path / "bad", np.zeros(3, np.uint8), magic=0x804)
   with pytest.raises(
-    data.DataError, match=r"bad: expected IDX magic 0x00000803 .* found 0x00000804"
+    data.DataError,
+    match=r"bad: expected IDX magic 0x00000803 .* found 0x00000804",
   ):
     data.read_idx(path)
 
@@ -143,7 +144,9 @@ def test_load_idx_dir_missing_file(tmp_path):
 def test_load_idx_dir_count_mismatch(tmp_path):
   write_idx_dir(tmp_path)
   write_idx(tmp_path / "train-labels-idx1-ubyte", np.zeros(19, np.uint8))
-  with pytest.raises(data.DataError, match="20 train images but 19 train labels"):
+  with pytest.raises(
+    data.DataError, match="20 train images but 19 train labels"
+  ):
     data.load_idx_dir(tmp_path)
 
 

@@ -86,7 +86,7 @@ class Config:
 PRESETS = {
     # About 3 minutes on a 2-core CPU; results in docs/continual_lm.md.
     "cpu": Config(),
-    # One GPU: 3.2M parameters, tens of MB of text, so that 2,000 steps of
+    # One GPU: 3.3M parameters, tens of MB of text, so that 2,000 steps of
     # 64 x 128 bytes (16 MB) are less than one pass over A.
     "gpu": Config(seq_len=128, d_model=256, num_heads=8, num_layers=4,
                   batch_size=64, pretrain_steps=2000, pretrain_lr=1e-3,
