@@ -159,10 +159,16 @@ def continual_fine_tune(
     raise ValueError(f"estimator must be 'empirical' or 'batched', got "
                      f"{estimator!r}.")
   n = _size(new_data, "new_data")
+  for name, value in (("batch_size", batch_size), ("num_steps", num_steps),
+                      ("fisher_batch_size", fisher_batch_size),
+                      ("fisher_examples", fisher_examples)):
+    if value is not None and (isinstance(value, bool) or not isinstance(
+        value, (int, np.integer)) or value < 1):
+      raise ValueError(f"{name} must be a positive int, got {value!r}.")
+  if batch_size > n:
+    raise ValueError(f"batch_size ({batch_size}) exceeds the {n} examples "
+                     "of new_data.")
   num_steps = n // batch_size if num_steps is None else num_steps
-  if not 1 <= batch_size <= n or num_steps < 1:
-    raise ValueError(f"need 1 <= batch_size <= {n} (new_data) and "
-                     f"num_steps >= 1; got {batch_size} and {num_steps}.")
   if float(lam) > 0.0 and importance is None:
     if old_data is None:
       raise ValueError("old_data is None: pass the old data, a precomputed "
