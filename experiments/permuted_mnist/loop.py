@@ -141,6 +141,36 @@ class _Ops:
     return steps.evaluate(graphdef, batch_size, params, splits, masks)[None]
 
 
+def consolidate(method: methods_lib.Method, config: config_lib.Config,
+                graphdef, state: steps.State, task, key, *,
+                batched: bool = False) -> steps.State:
+  """Folds the finished ``task`` into the EWC state with ``method``'s
+  importance (and starts SI's next path integral).
+
+  Args:
+    method: the method (its importance must not be ``None``).
+    config: the experiment configuration.
+    graphdef: the model's graph definition.
+    state: the training state at the end of the task (stacked if
+      ``batched``).
+    task: the finished task (its training data feeds the Fisher).
+    key: the Fisher's PRNG key (``[K]`` keys if ``batched``).
+    batched: ``state`` holds stacked members.
+
+  Returns:
+    The new state, with no two leaves sharing a buffer.
+  """
+  ops = _Ops(batched, method)
+  curvature = ops.importance(config, graphdef, state, task, key)
+  state = dataclasses.replace(state, opt_state=ops.consolidate(
+      state.opt_state, state.params, curvature))
+  if method.tracks_path:  # SI: a new path integral per task
+    state = dataclasses.replace(
+        state, omega=jax.tree.map(jnp.zeros_like, state.omega),
+        start=state.params)
+  return steps.unalias(state)
+
+
 class _Run:
   """One run (or group of members) through its phases; see :func:`run`."""
 
@@ -287,15 +317,9 @@ class _Run:
       return
     with self.timer.phase("fisher"):
       key = self.ops.fold_in(self.ops.fold_in(self.key, t), 1)
-      curvature = self.ops.importance(self.config, self.graphdef, self.state,
-                                      self.stream.tasks[t], key)
-      state = dataclasses.replace(self.state, opt_state=self.ops.consolidate(
-          self.state.opt_state, self.state.params, curvature))
-      if self.method.tracks_path:  # SI: a new path integral per task
-        state = dataclasses.replace(
-            state, omega=jax.tree.map(jnp.zeros_like, state.omega),
-            start=state.params)
-      self.state = jax.block_until_ready(steps.unalias(state))
+      self.state = jax.block_until_ready(consolidate(
+          self.method, self.config, self.graphdef, self.state,
+          self.stream.tasks[t], key, batched=self.ops.batched))
 
   def train(self) -> None:
     """Every phase from where the record stands."""

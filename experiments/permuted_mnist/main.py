@@ -212,7 +212,7 @@ def main(argv: Optional[Sequence[str]] = None, *,
         resume=bool(flags.resume), vmap=flags.vmap,
         data_seed=flags.data_seed, on_chunk=on_chunk)
   except (stream_lib.DataError, loop.TrainingDiverged) as e:
-    logger.error("error: %s", e)
+    print(f"error: {e}", file=sys.stderr)
     return 1
   logger.info("results in %s", summary["workdir"])
   return 0
