@@ -3,7 +3,7 @@
 import numpy as np
 import pytest
 
-from experiments import metrics
+from experiments.common import metrics
 
 # R[i, j]: accuracy on task j after training task i. Task 0 improves after
 # task 1 (0.90 -> 0.95), so forgetting (from the best value) differs from -BWT.
