@@ -34,6 +34,7 @@ from experiments.permuted_mnist import loop
 from experiments.permuted_mnist import main as permuted_mnist
 from experiments.permuted_mnist import methods
 from experiments.permuted_mnist import models
+from experiments.permuted_mnist import ops
 from experiments.permuted_mnist import stream as stream_lib
 from experiments.permuted_mnist import tasks as tasks_lib
 from experiments.permuted_mnist import workdir as workdir_lib
@@ -79,7 +80,7 @@ def _interrupt_after(steps):
 
 
 def _init_state(config, method, lam, seed):
-  return loop.init_state(config, methods.get(method), 10, [(lam, seed)],
+  return ops.init_state(config, methods.get(method), 10, [(lam, seed)],
                          batched=False)
 
 
@@ -259,7 +260,8 @@ def test_resume_reads_finished_runs_and_refuses_other_configs(
                        dataset=_dataset(), resume=True)
   with pytest.raises(ValueError, match=r"epochs: saved 1, now 2; lam: saved "
                                        r"\[1.0\], now \[2.0\]"):
-    experiment.train_and_evaluate(config.replace(epochs=2, lam=(2.0,)), tmp_path,
+    experiment.train_and_evaluate(config.replace(epochs=2, lam=(2.0,)),
+                                  tmp_path,
                          dataset=_dataset(), resume=True)
   other = data.load_synthetic(num_train=600, num_test=200, seed=1)
   with pytest.raises(ValueError, match="the data differ.*sha256"):
@@ -282,7 +284,8 @@ def test_overwrite_clears_old_checkpoints_and_keep_keeps_final_ones(tmp_path):
   stale = tmp_path / workdir_lib.CHECKPOINTS / "finetune-lam0.0-seed0" / "999"
   stale.mkdir(parents=True)
   config = _config(methods=("finetune",), keep_checkpoints=True)
-  experiment.train_and_evaluate(config, tmp_path, dataset=_dataset(), overwrite=True,
+  experiment.train_and_evaluate(config, tmp_path, dataset=_dataset(),
+                                overwrite=True,
                        )
   steps = [p.name for p in (stale.parent).iterdir()]
   assert steps == ["48"]  # the end of task 3 (3 x 16 steps), not 999
@@ -517,7 +520,6 @@ def test_bad_saved_configs_are_rejected(tmp_path):
 
 
 def test_other_runner_inputs_are_rejected(tmp_path):
-  config = config_lib.get_config("quick")
   with pytest.raises(ValueError, match="--set expects FIELD=VALUE, got "
                                        "'epochs'"):
     permuted_mnist.parse(["--set", "epochs"])
@@ -531,7 +533,8 @@ def test_other_runner_inputs_are_rejected(tmp_path):
   with pytest.raises(FileExistsError, match="exists and is a file"):
     workdir_lib.prepare_workdir(tmp_path / "file", overwrite=True)
   with pytest.raises(ValueError, match="resume and overwrite exclude"):
-    experiment.train_and_evaluate(_config(), tmp_path, overwrite=True, resume=True)
+    experiment.train_and_evaluate(_config(), tmp_path, overwrite=True,
+                                  resume=True)
   store = checkpoint_lib.RunCheckpoints(tmp_path / "ckpt",
                                         asynchronous=False)
   arrays, paths = checkpoint_lib.flatten({"w": jnp.zeros(3)})

@@ -234,6 +234,14 @@ def validate(config: Config) -> Config:
   hints = typing.get_type_hints(Config)
   for field in dataclasses.fields(Config):
     _check_type(field.name, getattr(config, field.name), hints[field.name])
+  _check_choices(config)
+  _check_ranges(config)
+  _check_sweeps(config)
+  return config
+
+
+def _check_choices(config: Config) -> None:
+  """Names (methods, dataset, tasks, estimator, model, optimizer)."""
   unknown = [m for m in config.methods if m not in METHODS]
   if unknown or not config.methods:
     raise ValueError(
@@ -255,6 +263,10 @@ def validate(config: Config) -> Config:
   if config.optimizer not in OPTIMIZERS:
     raise ValueError(
         f"optimizer must be one of {OPTIMIZERS}, got {config.optimizer!r}.")
+
+
+def _check_ranges(config: Config) -> None:
+  """Sizes, rates and fractions."""
   for name in ("num_tasks", "batch_size", "epochs", "eval_batch_size",
                "fisher_batch_size", "cnn_hidden", "checkpoint_every"):
     if getattr(config, name) < 1:
@@ -279,6 +291,10 @@ def validate(config: Config) -> Config:
     value = getattr(config, name)
     if value is not None and value < 1:
       raise ValueError(f"{name} must be None or >= 1, got {value}.")
+
+
+def _check_sweeps(config: Config) -> None:
+  """Strength sweeps, gamma, SI's xi, seeds and the validation split."""
   for method, field in LAM_FIELDS.items():
     values = getattr(config, field)
     if not values or any(v < 0 for v in values):
@@ -304,7 +320,6 @@ def validate(config: Config) -> Config:
     raise ValueError(
         f"val_fraction must be in (0, 1) (lambda is chosen on the validation "
         f"split), got {config.val_fraction}.")
-  return config
 
 
 def presets() -> tuple[str, ...]:

@@ -188,7 +188,8 @@ def write_results(workdir: pathlib.Path, config: Any,
   }
   files.write_json(workdir / "summary.json", summary)
   cols = [f"{n}_{s}" for n in (*names, "time_s") for s in ("mean", "std")]
-  files.write_csv(workdir / "summary.csv", ["method", "lam", "num_seeds", *cols],
+  files.write_csv(workdir / "summary.csv",
+                  ["method", "lam", "num_seeds", *cols],
             [[row["method"], row["lam"], len(row["seeds"]),
               *(row[c] for c in cols)] for row in rows])
   for row in rows:

@@ -91,7 +91,8 @@ def step(graphdef, tx, dropout, state: State, x, y, class_mask, key):
 @functools.partial(jax.jit, static_argnums=(0, 1, 2, 3, 4),
                    donate_argnums=(5,))
 def train_chunk(graphdef, tx, batch_size: int, max_steps: int, dropout: bool,
-                state: State, split: stream_lib.DeviceSplit, num_steps: jax.Array,
+                state: State, split: stream_lib.DeviceSplit,
+                num_steps: jax.Array,
                 masks: jax.Array, key: jax.Array, offset: jax.Array = 0):
   """Runs ``num_steps`` optimiser steps as ONE ``jax.lax.scan``.
 
@@ -244,7 +245,8 @@ def accuracies(graphdef, batch_size: int, params,
   """:func:`accuracy` of every member: float32 ``[K]``.
 
   ``split.n`` must be ``[K]`` (the same count repeated, see
-  :func:`evaluate_members`): the division ``hits / n`` is then elementwise. With a
+  :func:`evaluate_members`): the division ``hits / n`` is then elementwise.
+  With a
   scalar ``n`` it would divide a ``[K]`` vector by a broadcast scalar, which
   XLA rewrites as a multiplication by ``1 / n``, one float32 rounding away
   from the separate runs' ``hits / n`` (0.11499999 for 23/200).

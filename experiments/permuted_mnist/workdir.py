@@ -99,8 +99,9 @@ def check_resume(workdir: Any, config: config_lib.Config) -> None:
   if diff:
     raise ValueError(
         f"cannot resume {workdir} with a different config; differing "
-        f"field(s): {checkpointing.describe(diff)}. Resume without these flags to "
-        "continue with the saved config, or start a new run with --out.")
+        f"field(s): {checkpointing.describe(diff)}. Resume without these "
+        "flags to continue with the saved config, or start a new run with "
+        "--out.")
 
 
 def check_same_data(workdir: pathlib.Path, info: dict[str, Any]) -> None:
@@ -124,4 +125,5 @@ def load_results(workdir: Any) -> list[results_lib.MethodResult]:
   path = pathlib.Path(workdir) / "runs.json"
   if not path.is_file():
     return []
-  return [results_lib.MethodResult.from_json(row) for row in json.loads(path.read_text())]
+  return [results_lib.MethodResult.from_json(row)
+          for row in json.loads(path.read_text())]
