@@ -158,8 +158,8 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
         args=main_lib.set_to_flags(args.set)))
   except ValueError as e:
     p.error(str(e))
-  cli.setup_logging()
-  result = bench(config, repeats=args.repeats)
+  with cli.logging_to_stdout():
+    result = bench(config, repeats=args.repeats)
   out = pathlib.Path(args.out)
   out.parent.mkdir(parents=True, exist_ok=True)
   files.write_atomic(out, json.dumps(result, indent=2) + "\n")

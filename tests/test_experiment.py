@@ -67,7 +67,9 @@ def test_run_experiment_writes_outputs_that_parse(tmp_path, caplog):
   summary = json.loads((tmp_path / "run" / "summary.json").read_text())
   for row in summary["methods"]:
     assert set(row["timing"]) == {"compile", "train", "fisher", "eval",
-                                  "checkpoint"}
+                                  "checkpoint", "other"}
+    np.testing.assert_allclose(sum(row["timing"].values()),
+                               row["time_s_mean"], rtol=0.01, atol=0.01)
     assert row["timing"]["train"] > 0
   for method in methods:
     assert method in table

@@ -24,7 +24,6 @@ from flax import nnx
 
 import ewc_jax
 from ewc_jax import continual
-from ewc_jax._src import transform as transform_src
 from experiments import data
 from experiments.common import checkpoint as checkpoint_lib
 from experiments.permuted_mnist import checkpointing
@@ -86,8 +85,8 @@ def _init_state(config, method, lam, seed):
 
 def _ewc_states(opt_state):
   return [s for s in jax.tree.leaves(
-      opt_state, is_leaf=lambda x: isinstance(x, transform_src.EWCState))
-          if isinstance(s, transform_src.EWCState)]
+      opt_state, is_leaf=lambda x: isinstance(x, ewc_jax.EWCState))
+          if isinstance(s, ewc_jax.EWCState)]
 
 
 # ----------------------------------------------------------------------------

@@ -2,34 +2,42 @@
 
 The experiments report through :mod:`logging` (logger names under
 ``experiments``); only a command line installs a handler
-(:func:`setup_logging`), so a library user or a notebook decides what is
+(:func:`logging_to_stdout`), so a library user or a notebook decides what is
 shown.
 """
 
+import contextlib
 import logging
 import sys
-from typing import Optional, Sequence
+from typing import Iterator, Sequence
 
-_handler: Optional[logging.Handler] = None
+@contextlib.contextmanager
+def logging_to_stdout(quiet: bool = False,
+                      verbose: bool = False) -> Iterator[None]:
+  """Within the block, the ``experiments`` loggers' messages go to stdout.
 
-
-def setup_logging(quiet: bool = False, verbose: bool = False) -> None:
-  """Sends the ``experiments`` loggers' messages to stdout.
+  The logger's handler, level and propagation are restored afterwards, so
+  a command called from Python (a test, a notebook) leaves logging as it
+  found it.
 
   Args:
     quiet: only warnings and errors.
     verbose: debug messages too.
   """
-  global _handler
   logger = logging.getLogger("experiments")
-  if _handler is not None:  # a second main() in one process: replace it
-    logger.removeHandler(_handler)
-  _handler = logging.StreamHandler(sys.stdout)
-  _handler.setFormatter(logging.Formatter("%(message)s"))
-  logger.addHandler(_handler)
+  handler = logging.StreamHandler(sys.stdout)
+  handler.setFormatter(logging.Formatter("%(message)s"))
+  saved = logger.level, logger.propagate
+  logger.addHandler(handler)
   logger.setLevel(logging.WARNING if quiet
                   else logging.DEBUG if verbose else logging.INFO)
-  logger.propagate = False
+  logger.propagate = False  # no second copy through the root's handlers
+  try:
+    yield
+  finally:
+    logger.removeHandler(handler)
+    logger.setLevel(saved[0])
+    logger.propagate = saved[1]
 
 
 def split_commas(argv: Sequence[str], list_flags: Sequence[str]) -> list[str]:

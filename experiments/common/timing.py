@@ -16,11 +16,13 @@ from typing import Iterator
 
 import jax
 
+# "other" is what the caller measures outside every phase (model init, data
+# on device, checkpoint restore), see PhaseTimer.finish.
 # The jax.monitoring events that together make up a compilation.
 COMPILE_EVENTS = ("/jax/core/compile/jaxpr_trace_duration",
                   "/jax/core/compile/jaxpr_to_mlir_module_duration",
                   "/jax/core/compile/backend_compile_duration")
-PHASES = ("compile", "train", "fisher", "eval", "checkpoint")
+PHASES = ("compile", "train", "fisher", "eval", "checkpoint", "other")
 
 _local = threading.local()
 _listening = False
@@ -88,6 +90,16 @@ class PhaseTimer:
     """Adds another breakdown (e.g. from before a restart)."""
     for name, value in other.items():
       self.seconds[name] = self.seconds.get(name, 0.0) + float(value)
+
+  def finish(self, total: float) -> dict[str, float]:
+    """The breakdown with ``other = total - sum(phases)``, rounded.
+
+    Args:
+      total: the wall time the phases are part of.
+    """
+    seconds = {k: v for k, v in self.seconds.items() if k != "other"}
+    seconds["other"] = max(total - sum(seconds.values()), 0.0)
+    return {name: round(value, 3) for name, value in seconds.items()}
 
   def rounded(self) -> dict[str, float]:
     """The breakdown rounded to milliseconds (for JSON)."""

@@ -250,7 +250,7 @@ class _Run:
   def output(self) -> RunOutput:
     """The members' results (time and phase seconds shared out)."""
     k, rec = len(self.points), self.record
-    timing = {n: v / k for n, v in self.timer.rounded().items()}
+    timing = {n: v / k for n, v in self.timer.finish(self.elapsed()).items()}
     results = [results_lib.MethodResult(
         method=self.method.name, seed=seed, lam=lam, R=rec.R[i],
         R_val=rec.R_val[i], b=rec.b[i], b_val=rec.b_val[i],

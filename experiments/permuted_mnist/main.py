@@ -202,7 +202,14 @@ def main(argv: Optional[Sequence[str]] = None, *,
   except (ValueError, FileExistsError, FileNotFoundError) as e:
     print(f"{PROG}: error: {e}", file=sys.stderr)
     raise SystemExit(2) from None
-  cli.setup_logging(quiet=flags.quiet, verbose=flags.verbose)
+  with cli.logging_to_stdout(quiet=flags.quiet, verbose=flags.verbose):
+    return _run(flags, config, workdir, on_chunk)
+
+
+def _run(flags: Flags, config: config_lib.Config, workdir: Any,
+         on_chunk: Optional[loop.ChunkHook]) -> int:
+  """Runs the experiment; 1 with a message on stderr for bad data or a
+  diverged run."""
   # Said first, so that a run killed midway knows where to resume from.
   logger.info("run directory: %s (continue an interrupted run with "
               "--resume %s)", workdir, workdir)

@@ -275,6 +275,7 @@ def format_timing(rows: Sequence[dict[str, Any]]) -> str:
   lines = ["  ".join(x.rjust(w) for x, w in zip(line, widths, strict=True))
            for line in [header, *body]]
   lines.insert(1, "-" * len(lines[0]))
-  lines.append("time per phase, seconds per run (compile: tracing and XLA "
-               "compilation, wherever it happened).")
+  lines.append("seconds per run and phase (compile: tracing and XLA "
+               "compilation, wherever it happened; other: model init, "
+               "checkpoint restore, Python).")
   return "\n".join(lines)
