@@ -2,7 +2,8 @@
 
 Modules: ``main`` (flags), ``config`` and ``configs/`` (presets),
 ``methods`` (the method registry), ``stream`` (task data on device),
-``steps`` (jitted steps and evaluation), ``loop`` (the one training loop),
+``steps`` (jitted steps and evaluation), ``ops`` (one run or K stacked
+members), ``loop`` (the one training loop),
 ``checkpointing``, ``results``, ``workdir`` and ``experiment``
 (``train_and_evaluate``).
 """

@@ -147,15 +147,16 @@ def parse(argv: Sequence[str]) -> tuple[Flags, config_lib.Config]:
   pre.add_argument("--preset")
   pre.add_argument("--set", action="append", default=[])
   pre.add_argument("--lam", action="append", default=[])
+  pre.add_argument("--resume")
   known, rest = pre.parse_known_args(argv)
+  if known.resume is not None:  # read here, and still a flag of Flags
+    rest += ["--resume", known.resume]
   rest = [ALIASES.get(w.partition("=")[0], w.partition("=")[0])
           + w.partition("=")[1] + w.partition("=")[2] if w.startswith("--")
           else w for w in rest]
   rest = cli.split_commas(rest + set_to_flags(known.set), _list_flags())
-  resume = next((rest[i + 1] for i, w in enumerate(rest[:-1])
-                 if w == "--resume"), None)
-  if resume is not None and known.preset is None:
-    base = workdir_lib.saved_config(resume)
+  if known.resume is not None and known.preset is None:
+    base = workdir_lib.saved_config(known.resume)
   else:
     base = config_lib.get_config(known.preset or "quick")
   flags = tyro.cli(Flags, default=Flags(config=base), args=rest, prog=PROG,
