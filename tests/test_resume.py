@@ -466,7 +466,7 @@ def test_too_few_examples_for_a_batch_is_caught_before_training(tmp_path):
     (dict(eval_batch_size=0), "eval_batch_size must be >= 1"),
     (dict(fisher_batch_size=0), "fisher_batch_size must be >= 1"),
     (dict(cnn_hidden=0), "cnn_hidden must be >= 1"),
-    (dict(checkpoint_every=0), "checkpoint_every must be >= 1"),
+    (dict(checkpoint_every=0), "checkpoint_every must be None or >= 1"),
     (dict(iterations=0), "iterations must be None or >= 1"),
     (dict(train_examples=0), "train_examples must be None or >= 1"),
     (dict(fisher_examples=0), "fisher_examples must be None or >= 1"),

@@ -81,10 +81,12 @@ class Config:
     fisher_batch_size: chunk size of the Fisher pass.
     seeds: one run per seed (model init, data order, task stream).
     eval_batch_size: batch size of the jitted evaluation.
-    checkpoint_every: within a task, checkpoint every this many optimiser
-      steps (a checkpoint also follows every task). Chunk boundaries never
-      change the results: each step's mini-batch and dropout key depend only
-      on (seed, task, step).
+    checkpoint_every: within a task, also checkpoint every this many
+      optimiser steps (``None``, the default: only after each task, which
+      bounds the work lost to a crash by one task; each checkpoint copies
+      the whole state to the host). Chunk boundaries never change the
+      results: each step's mini-batch and dropout key depend only on (seed,
+      task, step).
     data_parallel: devices for data-parallel training: each mini-batch is
       sharded over a mesh axis ``"data"`` of this many local devices (0: all
       local devices; 1: off). The largest count that divides ``batch_size``
@@ -128,7 +130,7 @@ class Config:
   fisher_batch_size: int = 256
   seeds: tuple[int, ...] = (0, 1, 2)
   eval_batch_size: int = 1000
-  checkpoint_every: int = 1000
+  checkpoint_every: Optional[int] = None
   data_parallel: int = 0
   keep_checkpoints: bool = False
   progress: bool = True
@@ -268,7 +270,7 @@ def _check_choices(config: Config) -> None:
 def _check_ranges(config: Config) -> None:
   """Sizes, rates and fractions."""
   for name in ("num_tasks", "batch_size", "epochs", "eval_batch_size",
-               "fisher_batch_size", "cnn_hidden", "checkpoint_every"):
+               "fisher_batch_size", "cnn_hidden"):
     if getattr(config, name) < 1:
       raise ValueError(f"{name} must be >= 1, got {getattr(config, name)}.")
   if config.data_parallel < 0:
@@ -287,7 +289,8 @@ def _check_ranges(config: Config) -> None:
     if not 0.0 <= getattr(config, name) < 1.0:
       raise ValueError(
           f"{name} must be in [0, 1), got {getattr(config, name)}.")
-  for name in ("iterations", "train_examples", "fisher_examples"):
+  for name in ("iterations", "train_examples", "fisher_examples",
+               "checkpoint_every"):
     value = getattr(config, name)
     if value is not None and value < 1:
       raise ValueError(f"{name} must be None or >= 1, got {value}.")

@@ -245,7 +245,10 @@ class _Run:
       self.finish_phase(t)
       for k, member_losses in enumerate(losses):
         self.record.train_loss[k].append(member_losses)
-      self.checkpoint(t + 1, 0, [[] for _ in self.points])
+      # After the last phase a checkpoint only matters if it is kept: a
+      # crash before the results are written repeats the last task.
+      if t + 1 < len(self.splits) or self.config.keep_checkpoints:
+        self.checkpoint(t + 1, 0, [[] for _ in self.points])
 
   def output(self) -> RunOutput:
     """The members' results (time and phase seconds shared out)."""
@@ -278,7 +281,8 @@ def run(config: config_lib.Config, stream: stream_lib.Stream, method: str,
     data_seed: the task stream's seed, recorded in checkpoints (default:
       the first member's seed).
     checkpoint_dir: checkpoint after every task and every
-      ``config.checkpoint_every`` steps there, and continue from the latest
+      ``config.checkpoint_every`` steps (if set) there, and continue from the
+      latest
       checkpoint found (mid-task included); ``None``: no checkpoints.
     progress: show progress bars (default ``config.progress``).
     on_chunk: called with the number of steps after every chunk.

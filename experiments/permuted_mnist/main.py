@@ -20,8 +20,8 @@ list, used by every regularised method in the run (``ewc``, ``online_ewc``,
 ``--lam ewc=100,1000 --lam si=0.5,1``. The value with the best validation
 accuracy (held out from the training data) is reported.
 
-Every run is checkpointed (after each task and every ``--checkpoint-every``
-steps). ``--resume RUN_DIR`` continues an interrupted experiment with the
+Every run is checkpointed (after each task, and every ``--checkpoint-every``
+steps if set). ``--resume RUN_DIR`` continues an interrupted experiment with the
 config saved in RUN_DIR; flags given with it must agree with that config
 (only ``--no-progress`` and ``--keep-checkpoints`` may differ):
   python -m experiments.permuted_mnist --out runs/a      # killed midway
