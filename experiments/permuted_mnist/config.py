@@ -68,7 +68,9 @@ class Config:
     epochs: passes over each task's training data.
     iterations: mini-batch steps per task; overrides ``epochs`` when set.
     methods: which methods to run (from ``METHODS``), on the same data.
-    lam: EWC's lambda sweep.
+    lam: EWC's lambda sweep. On the command line ``--lam LIST`` sets the
+      sweep of every regularised method of the run and ``--lam
+      METHOD=LIST`` one method's (``--set lam=LIST``: EWC's alone).
     online_lam: online EWC's lambda sweep.
     gamma: online EWC's decay of the old Fisher.
     l2_lam: the L2 (Fisher = 1) strength sweep.
