@@ -1,32 +1,6 @@
-"""Result files that are never half-written."""
+"""Kept for older imports: the atomic writers live in
+:mod:`experiments.common.files`."""
 
-import os
-import pathlib
-import tempfile
-from typing import Any
+from experiments.common.files import write_atomic  # noqa: F401
 
-
-def write_atomic(path: Any, data: Any) -> None:
-  """Writes ``data`` (str or bytes) to ``path`` atomically.
-
-  The data goes to a temporary file in the same directory, which then
-  replaces ``path`` with ``os.replace``: a reader (or a crash) never sees half
-  a file.
-
-  Args:
-    path: the destination.
-    data: text or bytes.
-  """
-  path = pathlib.Path(path)
-  mode = "wb" if isinstance(data, bytes) else "w"
-  fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.",
-                             suffix=".tmp")
-  try:
-    with os.fdopen(fd, mode) as f:
-      f.write(data)
-    os.chmod(tmp, 0o644)  # mkstemp makes it private
-    os.replace(tmp, path)
-  except BaseException:
-    if os.path.exists(tmp):
-      os.unlink(tmp)
-    raise
+__all__ = ["write_atomic"]

@@ -7,11 +7,13 @@ import numpy as np
 import pytest
 import tensorflow_datasets as tfds
 
-from experiments import config as config_lib
 from experiments import data
-from experiments import permuted_mnist
-from experiments import tasks as tasks_lib
-from experiments import train
+from experiments.permuted_mnist import config as config_lib
+from experiments.permuted_mnist import experiment
+from experiments.permuted_mnist import loop
+from experiments.permuted_mnist import main as permuted_mnist
+from experiments.permuted_mnist import stream as stream_lib
+from experiments.permuted_mnist import tasks as tasks_lib
 
 PNG_MAGIC = b"\x89PNG\r\n\x1a\n"
 
@@ -52,15 +54,23 @@ def _check_outputs(workdir, methods, num_tasks, num_runs):
   assert not list(workdir.glob(".*.tmp"))  # atomic writes leave no temps
 
 
-def test_run_experiment_writes_outputs_that_parse(tmp_path, capsys):
+def test_run_experiment_writes_outputs_that_parse(tmp_path, caplog):
   methods = ("finetune", "l2", "ewc", "online_ewc", "si", "joint")
   config = _tiny(methods=methods, lam=(0.1, 1.0), online_lam=(1.0,),
                  l2_lam=(0.01,), si_c=(1.0,))
   ds = data.load_synthetic(num_train=400, num_test=100, seed=0)
-  out = train.run_experiment(config, tmp_path / "run", dataset=ds)
+  caplog.set_level("INFO", logger="experiments")
+  out = experiment.train_and_evaluate(config, tmp_path / "run", dataset=ds)
   # ewc sweeps two lambdas; the others run once.
   _check_outputs(tmp_path / "run", methods, 2, len(methods) + 1)
-  table = capsys.readouterr().out
+  table = caplog.text
+  summary = json.loads((tmp_path / "run" / "summary.json").read_text())
+  for row in summary["methods"]:
+    assert set(row["timing"]) == {"compile", "train", "fisher", "eval",
+                                  "checkpoint", "other"}
+    np.testing.assert_allclose(sum(row["timing"].values()),
+                               row["time_s_mean"], rtol=0.01, atol=0.01)
+    assert row["timing"]["train"] > 0
   for method in methods:
     assert method in table
   assert "ACC %" in table and "BWT %" in table and "forget %" in table
@@ -70,7 +80,7 @@ def test_run_experiment_writes_outputs_that_parse(tmp_path, capsys):
 def test_lam_sweep_reports_the_best_by_validation(tmp_path):
   config = _tiny(methods=("ewc",), lam=(0.0, 1e6), seeds=(0, 1))
   ds = data.load_synthetic(num_train=400, num_test=100, seed=0)
-  train.run_experiment(config, tmp_path, dataset=ds, log=lambda s: None)
+  experiment.train_and_evaluate(config, tmp_path, dataset=ds)
   runs = json.loads((tmp_path / "runs.json").read_text())
   by_lam = {}
   for run in runs:
@@ -103,24 +113,24 @@ def test_cli_end_to_end(tmp_path, capsys):
 def test_existing_run_dir_is_refused_without_overwrite(tmp_path, capsys):
   (tmp_path / "old.json").write_text("{}")
   with pytest.raises(FileExistsError, match="--overwrite"):
-    train.run_experiment(_tiny(), tmp_path)
+    experiment.train_and_evaluate(_tiny(), tmp_path)
   with pytest.raises(SystemExit) as exit_info:
     permuted_mnist.main(["--dataset", "synthetic", "--out", str(tmp_path)])
   assert exit_info.value.code == 2
   assert "not empty" in capsys.readouterr().err
   assert (tmp_path / "old.json").read_text() == "{}"
   # With --overwrite the run goes ahead.
-  train.run_experiment(_tiny(methods=("finetune",)), tmp_path,
-                       overwrite=True, log=lambda s: None)
+  experiment.train_and_evaluate(_tiny(methods=("finetune",)), tmp_path,
+                       overwrite=True)
   assert (tmp_path / "summary.json").exists()
 
 
 def test_cli_lam_flag_forms():
   methods = ("finetune", "ewc", "si")
-  assert permuted_mnist.lam_assignments(["1,10"], methods) == [
-      "lam=1,10", "si_c=1,10"]
-  assert permuted_mnist.lam_assignments(["online_ewc=5"], methods) == [
-      "online_lam=5"]
+  assert permuted_mnist.lam_assignments(["1,10"], methods) == {
+      "lam": (1.0, 10.0), "si_c": (1.0, 10.0)}
+  assert permuted_mnist.lam_assignments(["online_ewc=5"], methods) == {
+      "online_lam": (5.0,)}
   with pytest.raises(ValueError, match="finetune"):
     permuted_mnist.lam_assignments(["finetune=1"], methods)
 
@@ -137,7 +147,7 @@ def test_tfds_mock_data_end_to_end(tmp_path, monkeypatch):
   config = _tiny(dataset="mnist", methods=("finetune", "ewc"), lam=(1.0,),
                  batch_size=16)
   with tfds.testing.mock_data(num_examples=120):
-    out = train.run_experiment(config, tmp_path, log=lambda s: None)
+    out = experiment.train_and_evaluate(config, tmp_path)
   info = json.loads((tmp_path / "config.json").read_text())["dataset"]
   assert info["name"] == "mnist" and info["num_train"] == 120
   assert len(out["results"]) == 2
@@ -155,9 +165,9 @@ def test_ewc_forgets_less_than_finetune_on_real_mnist():
   gaps, ewc_bwts, acc_gaps = [], [], []
   for seed in (0, 1):
     tasks = tasks_lib.make_tasks("permuted", ds, 3, seed)
-    stream = train.make_stream(tasks, eval_batch_size=1000)
-    finetune = train.run_method(config, stream, "finetune", seed).metrics()
-    ewc = train.run_method(config, stream, "ewc", seed, lam=100.0).metrics()
+    stream = stream_lib.make_stream(tasks, eval_batch_size=1000)
+    finetune = loop.run_method(config, stream, "finetune", seed).metrics()
+    ewc = loop.run_method(config, stream, "ewc", seed, lam=100.0).metrics()
     gaps.append(ewc["bwt"] - finetune["bwt"])
     acc_gaps.append(ewc["acc"] - finetune["acc"])
     ewc_bwts.append(ewc["bwt"])

@@ -3,7 +3,7 @@
 import numpy as np
 import pytest
 
-from experiments import metrics
+from experiments.common import metrics
 
 # R[i, j]: accuracy on task j after training task i. Task 0 improves after
 # task 1 (0.90 -> 0.95), so forgetting (from the best value) differs from -BWT.
@@ -78,3 +78,47 @@ def test_non_square_raises(bad):
 def test_b_of_wrong_length_raises():
   with pytest.raises(ValueError, match=r"b must have shape \(3,\)"):
     metrics.fwt(R, [0.1, 0.2])
+
+
+def test_phase_timer_splits_out_compilation_and_nested_phases():
+  import time  # noqa: PLC0415
+
+  import jax  # noqa: PLC0415
+  import jax.numpy as jnp  # noqa: PLC0415
+
+  from experiments.common import timing  # noqa: PLC0415
+
+  timer = timing.PhaseTimer()
+  with timer.phase("train"):
+    time.sleep(0.05)
+    with timer.phase("checkpoint"):
+      time.sleep(0.05)
+    # A function never compiled before: its tracing and compilation go to
+    # "compile", not "train".
+    jax.block_until_ready(jax.jit(lambda x: jnp.sin(x) * 3.0 + 1.5)(
+        jnp.arange(7.0)))
+  s = timer.seconds
+  assert s["compile"] > 0
+  assert 0.04 < s["checkpoint"] < 0.5
+  assert 0.04 < s["train"] < 0.5 + s["compile"]
+  total = sum(s.values())
+  done = timer.finish(total + 1.0)
+  np.testing.assert_allclose(done["other"], 1.0, atol=2e-3)
+
+
+def test_plots_leave_the_global_backend_alone():
+  import matplotlib  # noqa: PLC0415
+
+  before = matplotlib.get_backend()
+  matplotlib.use("svg")  # any backend a user chose
+  try:
+    from experiments.common import plots  # noqa: PLC0415
+
+    png = plots.heatmap_figure(np.eye(3), "R")
+    png2 = plots.average_accuracy_figure(
+        [{"label": "ewc", "R": np.eye(3)},
+         {"label": "joint", "R": np.ones([3, 3]), "dashed": True}])
+    assert png[:8] == png2[:8] == b"\x89PNG\r\n\x1a\n"
+    assert matplotlib.get_backend() == "svg"
+  finally:
+    matplotlib.use(before)

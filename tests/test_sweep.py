@@ -1,4 +1,4 @@
-"""Tests of experiments.sweep: vmapped members equal separate runs.
+"""Vmapped sweeps (``loop.run_sweep``): members equal separate runs.
 
 Every sweep here has K = 3 members, separate-mode pull and the same data
 shapes, so the tests share one compiled training chunk.
@@ -13,7 +13,11 @@ import pytest
 
 import ewc_jax
 from experiments import sweep
-from experiments import train
+from experiments.permuted_mnist import experiment
+from experiments.permuted_mnist import loop
+from experiments.permuted_mnist import main
+from experiments.permuted_mnist import methods
+from experiments.permuted_mnist import steps
 from tests import tiny
 
 
@@ -25,29 +29,20 @@ def _config(**changes):
   return tiny.config(**{"epochs": 2, **changes})
 
 
-def _separate_run(monkeypatch, config, method, seed, lam):
-  """``train.run_method`` and its final parameters (the last evaluated)."""
-  seen = []
-  evaluate = train.evaluate
-
-  def spy(graphdef, batch_size, params, splits, masks):
-    seen.append(params)
-    return evaluate(graphdef, batch_size, params, splits, masks)
-
-  with monkeypatch.context() as m:
-    m.setattr(train, "evaluate", spy)
-    result = train.run_method(config, _stream(), method, seed, lam)
-  return result, seen[-1]
+def _separate_run(config, method, seed, lam):
+  """One ``loop.run`` and its final parameters."""
+  out = loop.run(config, _stream(), method, [(lam, seed)])
+  return out.results[0], out.params
 
 
-def _assert_members_equal_separate_runs(monkeypatch, config, method, lams,
-                                        seeds):
-  results, params = sweep.run_sweep_with_params(config, _stream(), method,
-                                                lams, seeds)
-  assert [(r.lam, r.seed) for r in results] == sweep.members(lams, seeds)
+def _assert_members_equal_separate_runs(config, method, lams, seeds):
+  out = loop.run_sweep(config, _stream(), method, lams, seeds)
+  results = out.results
+  params = [steps.member(out.params, k) for k in range(len(results))]
+  assert [(r.lam, r.seed) for r in results] == [
+      (float(lam), seed) for seed in seeds for lam in lams]
   for got, got_params in zip(results, params, strict=True):
-    want, want_params = _separate_run(monkeypatch, config, method, got.seed,
-                                      got.lam)
+    want, want_params = _separate_run(config, method, got.seed, got.lam)
     assert got.method == want.method
     for name in ("R", "R_val", "b", "b_val"):
       np.testing.assert_array_equal(getattr(got, name), getattr(want, name),
@@ -60,48 +55,47 @@ def _assert_members_equal_separate_runs(monkeypatch, config, method, lams,
         got_params, want_params)
 
 
-def test_lambdas_vmapped_equal_separate_runs(monkeypatch):
+def test_lambdas_vmapped_equal_separate_runs():
   _assert_members_equal_separate_runs(
-      monkeypatch, _config(), "ewc", (0.5, 5.0, 50.0), (0,))
+      _config(), "ewc", (0.5, 5.0, 50.0), (0,))
 
 
-def test_seeds_with_a_fisher_budget_equal_separate_runs(monkeypatch):
+def test_seeds_with_a_fisher_budget_equal_separate_runs():
   # A budget smaller than the task: each member's Fisher reads its own
   # subset, so the Fishers are computed member by member.
   config = _config(fisher_examples=100)
-  assert not sweep.shares_fisher_data(config, _stream().tasks[0])
-  _assert_members_equal_separate_runs(monkeypatch, config, "ewc", (5.0,),
-                                      (0, 1, 2))
+  assert not methods.shares_fisher_data(config, _stream().tasks[0])
+  _assert_members_equal_separate_runs(config, "ewc", (5.0,), (0, 1, 2))
 
 
 def test_other_lambdas_and_methods_reuse_the_compiled_chunk():
   config = _config()
-  sweep.run_sweep(config, _stream(), "ewc", (1.0, 2.0, 3.0), (0,))
-  size = sweep.train_chunks._cache_size()
+  loop.run_sweep(config, _stream(), "ewc", (1.0, 2.0, 3.0), (0,))
+  size = steps.train_chunks._cache_size()
   for method, lams, seeds in (("ewc", (7.0, 8.0, 9.0), (1,)),
                               ("l2", (1.0,), (3, 4, 5)),
                               ("finetune", (0.0,), (0, 1, 2))):
-    results = sweep.run_sweep(config, _stream(), method, lams, seeds)
+    results = loop.run_sweep(config, _stream(), method, lams, seeds).results
     assert len(results) == 3
-  assert sweep.train_chunks._cache_size() == size
+  assert steps.train_chunks._cache_size() == size
 
 
 @pytest.mark.parametrize("mode", ["separate", "online"])
 def test_consolidate_members_equals_consolidate_per_member(mode):
-  tx = train.make_optimizer(("adam", 1e-3, 0.9, 0.999), mode)
+  tx = methods.make_optimizer(("adam", 1e-3, 0.9, 0.999), mode)
   params = [{"w": jnp.full((2, 5), k + 1.0), "b": jnp.full((4,), -k - 0.5)}
             for k in range(3)]
   fishers = [jax.tree.map(lambda p, k=k: jnp.abs(p) * 0.1 + k, p)
              for k, p in enumerate(params)]
-  states = [train.init_opt_state(tx, p, 10.0 * (k + 1), 0.5)
+  states = [methods.set_pull(tx.init(p), 10.0 * (k + 1), 0.5)
             for k, p in enumerate(params)]
   # A first task, so that the residual and gamma matter.
   states = [ewc_jax.consolidate(s, jax.tree.map(lambda x: 0.3 * x, p), f)
             for s, p, f in zip(states, params, fishers)]
-  want = sweep.stack([ewc_jax.consolidate(s, p, f)
+  want = steps.stack([ewc_jax.consolidate(s, p, f)
                       for s, p, f in zip(states, params, fishers)])
-  got = sweep.consolidate_members(sweep.stack(states), sweep.stack(params),
-                                  sweep.stack(fishers))
+  got = steps.consolidate_members(steps.stack(states), steps.stack(params),
+                                  steps.stack(fishers))
   assert jax.tree.structure(got) == jax.tree.structure(want)
   jax.tree.map(lambda a, b: np.testing.assert_allclose(a, b, rtol=1e-6),
                got, want)
@@ -109,25 +103,27 @@ def test_consolidate_members_equals_consolidate_per_member(mode):
 
 def test_a_diverging_member_stops_the_sweep_and_is_named():
   # lam = inf: inf * 0 (no curvature yet) makes the first step nan.
-  with pytest.raises(train.TrainingDiverged, match=r"\(inf, 0\)"):
-    sweep.run_sweep(_config(), _stream(), "ewc", (1.0, float("inf"), 2.0),
-                    (0,))
+  with pytest.raises(loop.TrainingDiverged, match=r"\(inf, 0\)"):
+    loop.run_sweep(_config(), _stream(), "ewc", (1.0, float("inf"), 2.0),
+                   (0,))
 
 
-def test_members_is_seed_major_and_rejects_empty():
-  assert sweep.members((1, 2), (0, 1)) == [(1.0, 0), (2.0, 0), (1.0, 1),
-                                           (2.0, 1)]
+def test_sweep_rejects_empty_and_unknown():
   with pytest.raises(ValueError, match="at least one lam"):
-    sweep.members((), (0,))
+    loop.run_sweep(_config(), _stream(), "ewc", (), (0,))
   with pytest.raises(ValueError, match="unknown method"):
-    sweep.run_sweep(_config(), _stream(), "ewcc", (1.0,), (0,))
+    loop.run_sweep(_config(), _stream(), "ewcc", (1.0,), (0,))
+  with pytest.raises(ValueError, match="batched=True"):
+    loop.run(_config(), _stream(), "ewc", [(1.0, 0), (2.0, 0)])
 
 
-def test_run_experiment_with_a_shared_stream_writes_every_member(tmp_path):
+def test_run_experiment_with_a_shared_stream_writes_every_member(
+    tmp_path, caplog):
   config = _config(methods=("finetune", "ewc"), lam=(1.0,), seeds=(0, 1, 2))
-  logged = []
-  out = sweep.run_experiment(config, tmp_path / "run", dataset=_dataset(),
-                             data_seed=0, log=logged.append)
+  caplog.set_level("INFO", logger="experiments")
+  out = experiment.train_and_evaluate(
+      config, tmp_path / "run", dataset=_dataset(), vmap=True, data_seed=0)
+  logged = [r.getMessage() for r in caplog.records]
   assert [(r.method, r.seed) for r in out["results"]] == [
       (m, s) for m in ("finetune", "ewc") for s in (0, 1, 2)]
   runs = json.loads((tmp_path / "run" / "runs.json").read_text())
@@ -135,7 +131,9 @@ def test_run_experiment_with_a_shared_stream_writes_every_member(tmp_path):
   summary = json.loads((tmp_path / "run" / "summary.json").read_text())
   assert summary["complete"]
   assert {row["method"] for row in summary["methods"]} == {"finetune", "ewc"}
-  assert "ACC %" in logged[-1]
+  assert any("ACC %" in line for line in logged)
+  assert set(out["params"]) == {(r.method, r.lam, r.seed)
+                                for r in out["results"]}
 
 
 def test_bench_reports_speedup_and_agreement():
@@ -153,10 +151,8 @@ def test_main_needs_bench():
 
 
 def test_cli_vmap_flag_runs_every_lambda(tmp_path):
-  from experiments import permuted_mnist  # noqa: PLC0415
-
   out = tmp_path / "run"
-  assert permuted_mnist.main([
+  assert main.main([
       "--dataset", "synthetic", "--methods", "ewc", "--lam", "1,100",
       "--vmap", "--num-tasks", "2", "--epochs", "1", "--hidden", "16",
       "--seeds", "0", "--out", str(out), "--no-progress"]) == 0
@@ -164,4 +160,4 @@ def test_cli_vmap_flag_runs_every_lambda(tmp_path):
   assert sorted(r["lam"] for r in runs if r["method"] == "ewc") == [
       1.0, 100.0]
   with pytest.raises(SystemExit):
-    permuted_mnist.main(["--vmap", "--resume", str(out)])
+    main.main(["--vmap", "--resume", str(out)])

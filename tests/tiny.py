@@ -2,10 +2,10 @@
 
 import functools
 
-from experiments import config as config_lib
 from experiments import data
-from experiments import tasks as tasks_lib
-from experiments import train
+from experiments.permuted_mnist import config as config_lib
+from experiments.permuted_mnist import stream as stream_lib
+from experiments.permuted_mnist import tasks as tasks_lib
 
 
 @functools.lru_cache(maxsize=None)
@@ -25,4 +25,4 @@ def config(**changes):
 @functools.lru_cache(maxsize=None)
 def stream(kind="permuted", num_tasks=3, seed=0):
   tasks = tasks_lib.make_tasks(kind, dataset(), num_tasks, seed)
-  return train.make_stream(tasks, eval_batch_size=100)
+  return stream_lib.make_stream(tasks, eval_batch_size=100)

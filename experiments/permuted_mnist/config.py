@@ -1,8 +1,9 @@
-"""Experiment configurations: a frozen dataclass and named presets.
+"""The experiment's configuration: a frozen dataclass, its checks, presets.
 
-``get_config(preset)`` returns a :class:`Config`; any field can be changed
-from the command line with ``--set FIELD=VALUE`` (see :func:`override`) or a
-dedicated flag (``--epochs``, ``--lam``, ...).
+``get_config(preset)`` returns a :class:`Config` from ``configs/<preset>.py``;
+the command line (``main.py``, built with tyro from this dataclass) sets any
+field, e.g. ``--epochs 3`` or ``--hidden 400 400``. Importing this module
+imports neither tensorflow_datasets nor matplotlib.
 
 Lambda conventions. Our EWC penalty is ``(lam/2) sum_i F_i (theta_i -
 theta*_i)^2`` with ``F`` the per-example Fisher averaged over examples
@@ -15,21 +16,25 @@ so the quadratic pull uses ``lam = 2 c``; ``si_c`` is stored as ``c``.
 """
 
 import dataclasses
+import importlib
 import math
 import numbers
+import pkgutil
 import typing
 from typing import Any, Optional
 
 import ewc_jax
 from experiments import data
-from experiments import models
-from experiments import tasks
+from experiments.permuted_mnist import configs
+from experiments.permuted_mnist import methods as methods_lib
+from experiments.permuted_mnist import models
+from experiments.permuted_mnist import tasks
 
-METHODS = ("finetune", "l2", "ewc", "online_ewc", "si", "joint")
+METHODS = tuple(methods_lib.REGISTRY)
 OPTIMIZERS = ("adam", "sgd")
 # The field holding each regularised method's strength sweep.
-LAM_FIELDS = {"ewc": "lam", "online_ewc": "online_lam", "l2": "l2_lam",
-              "si": "si_c"}
+LAM_FIELDS = {m.name: m.lam_field for m in methods_lib.REGISTRY.values()
+              if m.lam_field is not None}
 # Fields that change how a run is shown or kept, never its results: a run
 # may be resumed with other values.
 RESULT_NEUTRAL = ("progress", "keep_checkpoints")
@@ -63,7 +68,9 @@ class Config:
     epochs: passes over each task's training data.
     iterations: mini-batch steps per task; overrides ``epochs`` when set.
     methods: which methods to run (from ``METHODS``), on the same data.
-    lam: EWC's lambda sweep.
+    lam: EWC's lambda sweep. On the command line ``--lam LIST`` sets the
+      sweep of every regularised method of the run and ``--lam
+      METHOD=LIST`` one method's (``--set lam=LIST``: EWC's alone).
     online_lam: online EWC's lambda sweep.
     gamma: online EWC's decay of the old Fisher.
     l2_lam: the L2 (Fisher = 1) strength sweep.
@@ -76,10 +83,12 @@ class Config:
     fisher_batch_size: chunk size of the Fisher pass.
     seeds: one run per seed (model init, data order, task stream).
     eval_batch_size: batch size of the jitted evaluation.
-    checkpoint_every: within a task, checkpoint every this many optimiser
-      steps (a checkpoint also follows every task). Chunk boundaries never
-      change the results: each step's mini-batch and dropout key depend only
-      on (seed, task, step).
+    checkpoint_every: within a task, also checkpoint every this many
+      optimiser steps (``None``, the default: only after each task, which
+      bounds the work lost to a crash by one task; each checkpoint copies
+      the whole state to the host). Chunk boundaries never change the
+      results: each step's mini-batch and dropout key depend only on (seed,
+      task, step).
     data_parallel: devices for data-parallel training: each mini-batch is
       sharded over a mesh axis ``"data"`` of this many local devices (0: all
       local devices; 1: off). The largest count that divides ``batch_size``
@@ -123,7 +132,7 @@ class Config:
   fisher_batch_size: int = 256
   seeds: tuple[int, ...] = (0, 1, 2)
   eval_batch_size: int = 1000
-  checkpoint_every: int = 1000
+  checkpoint_every: Optional[int] = None
   data_parallel: int = 0
   keep_checkpoints: bool = False
   progress: bool = True
@@ -229,6 +238,14 @@ def validate(config: Config) -> Config:
   hints = typing.get_type_hints(Config)
   for field in dataclasses.fields(Config):
     _check_type(field.name, getattr(config, field.name), hints[field.name])
+  _check_choices(config)
+  _check_ranges(config)
+  _check_sweeps(config)
+  return config
+
+
+def _check_choices(config: Config) -> None:
+  """Names (methods, dataset, tasks, estimator, model, optimizer)."""
   unknown = [m for m in config.methods if m not in METHODS]
   if unknown or not config.methods:
     raise ValueError(
@@ -250,8 +267,12 @@ def validate(config: Config) -> Config:
   if config.optimizer not in OPTIMIZERS:
     raise ValueError(
         f"optimizer must be one of {OPTIMIZERS}, got {config.optimizer!r}.")
+
+
+def _check_ranges(config: Config) -> None:
+  """Sizes, rates and fractions."""
   for name in ("num_tasks", "batch_size", "epochs", "eval_batch_size",
-               "fisher_batch_size", "cnn_hidden", "checkpoint_every"):
+               "fisher_batch_size", "cnn_hidden"):
     if getattr(config, name) < 1:
       raise ValueError(f"{name} must be >= 1, got {getattr(config, name)}.")
   if config.data_parallel < 0:
@@ -270,10 +291,15 @@ def validate(config: Config) -> Config:
     if not 0.0 <= getattr(config, name) < 1.0:
       raise ValueError(
           f"{name} must be in [0, 1), got {getattr(config, name)}.")
-  for name in ("iterations", "train_examples", "fisher_examples"):
+  for name in ("iterations", "train_examples", "fisher_examples",
+               "checkpoint_every"):
     value = getattr(config, name)
     if value is not None and value < 1:
       raise ValueError(f"{name} must be None or >= 1, got {value}.")
+
+
+def _check_sweeps(config: Config) -> None:
+  """Strength sweeps, gamma, SI's xi, seeds and the validation split."""
   for method, field in LAM_FIELDS.items():
     values = getattr(config, field)
     if not values or any(v < 0 for v in values):
@@ -299,146 +325,28 @@ def validate(config: Config) -> Config:
     raise ValueError(
         f"val_fraction must be in (0, 1) (lambda is chosen on the validation "
         f"split), got {config.val_fraction}.")
-  return config
 
 
-# quick (the default): permuted MNIST (Goodfellow et al. 2013; Kirkpatrick et
-# al. 2017, https://arxiv.org/abs/1612.00796) scaled down to run in minutes on
-# a CPU: 10 tasks, MLP 2x256, Adam lr 1e-3, batch 64, 5 epochs per task, exact
-# Fisher, all six methods, two strengths per regularised method (chosen on
-# validation), seeds 0-2. Chosen by measuring sweeps (EWC lam 30-10000,
-# online EWC 30-10000, SI c 1-100, L2 1e-4-1e-2).
-#   python -m experiments.permuted_mnist
-# Runtime (measured, compile included, 2-core x86 CPU, no GPU, on the
-# embedded 5,000-digit MNIST subset that --dataset auto falls back to):
-# 98 s on a quiet machine, 154 s beside other CPU-bound processes.
-# Measured table (mean +- std over seeds 0-2, test %, ACC / BWT; README):
-# finetune 71.8 +- 2.3 / -24.7; L2 73.9 +- 3.2 / -22.4; EWC 85.9 +- 0.3 /
-# -7.4; online EWC 87.9 +- 0.9 / -3.5; SI 87.9 +- 0.8 / -5.5; joint 93.0.
-# Where TFDS MNIST is prepared, auto loads the full 60k MNIST and the run
-# takes ~15x longer: add --dataset embedded.
-_QUICK = Config()
-
-# van de Ven & Tolias 2019, "Three scenarios for continual learning",
-# https://arxiv.org/abs/1904.07734 (Table 5, permuted MNIST, published ACC:
-# None 78.51, EWC 94.31, online EWC 94.42, SI 95.33). Their protocol: MLP
-# 2x1000 ReLU, Adam lr 1e-4 betas (0.9, 0.999), batch 128, 5000 iterations
-# per task, 10 tasks, Fisher on the whole training set. EWC lambda 500 carries
-# over; online EWC lambda 1000 with gamma 0.9 becomes lam 900 here (see the
-# module docstring); SI c = 5 (pull lam = 10). Differences: their 2019 code
-# used the model's argmax label for the Fisher, we use the exact Fisher
-# (their current default); we hold out 10% of the training data for
-# validation.
-#   python -m experiments.permuted_mnist --preset vandeven2019 \
-#     --dataset mnist --data-dir DIR      # or --dataset idx --data-dir DIR
-# Runtime, extrapolated from measured pieces on the 2-core CPU above (11 ms
-# per step, exact Fisher on 54k examples 17 s): about 13 minutes per
-# regularised method, about 1 hour for the five methods. Not measured on a
-# GPU.
-_VANDEVEN2019 = Config(
-    preset="vandeven2019", dataset="mnist", num_tasks=10, hidden=(1000, 1000),
-    optimizer="adam", learning_rate=1e-4, b1=0.9, b2=0.999, batch_size=128,
-    iterations=5000, methods=("finetune", "ewc", "online_ewc", "si", "joint"),
-    lam=(500.0,), online_lam=(900.0,), gamma=0.9, si_c=(5.0,), si_xi=0.1,
-    fisher="exact", fisher_examples=None, seeds=(0,))
-
-# Kirkpatrick et al. 2017, "Overcoming catastrophic forgetting in neural
-# networks", https://arxiv.org/abs/1612.00796 (Fig. 2A / PNAS Fig. 3A; about
-# 0.94 average accuracy after 10 tasks is read off the figure): MLP 2x400,
-# plain SGD lr 1e-3, 20 epochs per task, 10 permuted tasks. The paper gives
-# neither lambda nor the batch size for this panel: lambda is swept (chosen
-# on validation) and the batch size (128) is ours.
-#   python -m experiments.permuted_mnist --preset kirkpatrick2017 \
-#     --dataset mnist --data-dir DIR
-# Runtime, extrapolated from measured pieces on the 2-core CPU above (2.4 ms
-# per step, 8,420 steps per task): about 4 minutes per method and lambda,
-# about 30 minutes for the 7 runs. Not measured on a GPU.
-_KIRKPATRICK2017 = Config(
-    preset="kirkpatrick2017", dataset="mnist", num_tasks=10, hidden=(400, 400),
-    optimizer="sgd", learning_rate=1e-3, momentum=0.0, batch_size=128,
-    epochs=20, methods=("finetune", "l2", "ewc"),
-    lam=(100.0, 1000.0, 10000.0), l2_lam=(0.01, 0.1, 1.0), fisher="exact",
-    seeds=(0,))
-
-PRESETS = {
-    "quick": _QUICK,
-    "vandeven2019": _VANDEVEN2019,
-    "kirkpatrick2017": _KIRKPATRICK2017,
-}
+def presets() -> tuple[str, ...]:
+  """The preset names: one module per preset in ``configs/``."""
+  return tuple(sorted(m.name for m in pkgutil.iter_modules(configs.__path__)))
 
 
 def get_config(preset: str = "quick") -> Config:
-  """Returns a named preset.
+  """Returns a named preset (``configs/<preset>.py``'s ``get_config()``).
 
   Args:
-    preset: one of ``PRESETS``: ``quick`` (the default, minutes on a CPU),
-      ``vandeven2019`` or ``kirkpatrick2017`` (the papers' protocols).
+    preset: one of :func:`presets`: ``quick`` (the default, minutes on a
+      CPU), ``vandeven2019`` or ``kirkpatrick2017`` (the papers' protocols).
 
   Returns:
-    The :class:`Config`.
-  """
-  if preset not in PRESETS:
-    raise ValueError(
-        f"unknown preset {preset!r}; choose one of {sorted(PRESETS)}.")
-  return validate(PRESETS[preset])
-
-
-def _parse(text: str, kind: Any, field: str) -> Any:
-  """Parses ``text`` as a value of the annotated type ``kind``."""
-  origin, args = typing.get_origin(kind), typing.get_args(kind)
-  if origin is typing.Union:  # Optional[X]
-    if text.strip().lower() in ("none", "null", ""):
-      return None
-    return _parse(text, next(a for a in args if a is not type(None)), field)
-  if origin is tuple:
-    parts = [p for p in text.replace(";", ",").split(",") if p.strip()]
-    return tuple(_parse(p, args[0], field) for p in parts)
-  text = text.strip()
-  if kind is bool:
-    if text.lower() in ("1", "true", "yes", "on"):
-      return True
-    if text.lower() in ("0", "false", "no", "off"):
-      return False
-    raise ValueError(f"{field} must be true or false, got {text!r}.")
-  try:
-    if kind is int:
-      value = float(text)
-      if not value.is_integer():
-        raise ValueError
-      return int(value)
-    return kind(text)
-  except ValueError:
-    raise ValueError(
-        f"{field} must be a {kind.__name__}, got {text!r}.") from None
-
-
-def override(config: Config, assignments: list[str]) -> Config:
-  """Applies ``FIELD=VALUE`` strings, parsed by each field's type.
-
-  Lists are comma separated (``methods=finetune,ewc``, ``hidden=400,400``);
-  ``None`` clears an optional field.
-
-  Args:
-    config: the base configuration.
-    assignments: strings such as ``"epochs=3"``.
-
-  Returns:
-    The new, validated configuration.
+    The validated :class:`Config`.
 
   Raises:
-    ValueError: an unknown field (the valid ones are listed) or a value that
-      does not parse.
+    ValueError: an unknown preset (the valid ones are listed).
   """
-  hints = typing.get_type_hints(Config)
-  changes = {}
-  for item in assignments:
-    field, sep, text = item.partition("=")
-    field = field.strip().replace("-", "_")
-    if not sep:
-      raise ValueError(f"--set expects FIELD=VALUE, got {item!r}.")
-    if field not in hints:
-      raise ValueError(
-          f"unknown config field {field!r}; valid fields: "
-          f"{', '.join(sorted(hints))}.")
-    changes[field] = _parse(text, hints[field], field)
-  return config.replace(**changes)
+  if preset not in presets():
+    raise ValueError(
+        f"unknown preset {preset!r}; choose one of {list(presets())}.")
+  module = importlib.import_module(f"{configs.__name__}.{preset}")
+  return validate(module.get_config())

@@ -1,0 +1,68 @@
+"""Command-line helpers shared by the experiments: logging and list flags.
+
+The experiments report through :mod:`logging` (logger names under
+``experiments``); only a command line installs a handler
+(:func:`logging_to_stdout`), so a library user or a notebook decides what is
+shown.
+"""
+
+import contextlib
+import logging
+import sys
+from typing import Iterator, Sequence
+
+@contextlib.contextmanager
+def logging_to_stdout(quiet: bool = False,
+                      verbose: bool = False) -> Iterator[None]:
+  """Within the block, the ``experiments`` loggers' messages go to stdout.
+
+  The logger's handler, level and propagation are restored afterwards, so
+  a command called from Python (a test, a notebook) leaves logging as it
+  found it.
+
+  Args:
+    quiet: only warnings and errors.
+    verbose: debug messages too.
+  """
+  logger = logging.getLogger("experiments")
+  handler = logging.StreamHandler(sys.stdout)
+  handler.setFormatter(logging.Formatter("%(message)s"))
+  saved = logger.level, logger.propagate
+  logger.addHandler(handler)
+  logger.setLevel(logging.WARNING if quiet
+                  else logging.DEBUG if verbose else logging.INFO)
+  logger.propagate = False  # no second copy through the root's handlers
+  try:
+    yield
+  finally:
+    logger.removeHandler(handler)
+    logger.setLevel(saved[0])
+    logger.propagate = saved[1]
+
+
+def split_commas(argv: Sequence[str], list_flags: Sequence[str]) -> list[str]:
+  """Lets list flags take comma lists (``--seeds 0,1,2``) as well as
+  space-separated ones (``--seeds 0 1 2``).
+
+  Args:
+    argv: the command line.
+    list_flags: flags whose values are lists, e.g. ``"--seeds"``.
+
+  Returns:
+    ``argv`` with each comma list after one of ``list_flags`` split into
+    separate words.
+  """
+  out, in_list = [], False
+  for word in argv:
+    if word.startswith("--"):
+      flag, sep, value = word.partition("=")
+      in_list = flag in list_flags
+      if sep and in_list:
+        out += [flag, *[v for v in value.split(",") if v]]
+        continue
+      out.append(word)
+    elif in_list and "," in word:
+      out += [v for v in word.split(",") if v]
+    else:
+      out.append(word)
+  return out

@@ -1,0 +1,208 @@
+"""The experiment: every method, lambda and seed; selection; result files.
+
+:func:`train_and_evaluate` is the whole experiment as one importable call:
+for each seed the task stream is built once (same data and task order for
+every method); each regularised method runs each lambda of its sweep; the
+lambda with the best mean validation ACC is reported (test numbers are
+never used for the choice).
+
+Never losing a run. Every (method, lambda, seed) run is checkpointed in
+``workdir/checkpoints/<method>-lam<lam>-seed<seed>/`` (:mod:`loop`); each
+finished run's results are written atomically to ``runs.json`` and its
+checkpoint deleted (kept with ``config.keep_checkpoints``). ``resume=True``
+reads the finished runs back and continues the interrupted one from its
+last checkpoint, ending with the same results as an uninterrupted run.
+
+``vmap=True`` trains each method's lambdas (of one seed, or with
+``data_seed`` of every seed on one shared stream) as one vmapped program;
+such groups are not checkpointed.
+"""
+
+import contextlib
+import logging
+import pathlib
+import shutil
+from typing import Any, Optional
+
+import jax
+
+from experiments import data as data_lib
+from experiments.common import checkpoint as checkpoint_lib
+from experiments.common import files
+from experiments.permuted_mnist import config as config_lib
+from experiments.permuted_mnist import loop
+from experiments.permuted_mnist import results as results_lib
+from experiments.permuted_mnist import steps
+from experiments.permuted_mnist import stream as stream_lib
+from experiments.permuted_mnist import tasks as tasks_lib
+from experiments.permuted_mnist import workdir as workdir_lib
+
+logger = logging.getLogger(__name__)
+
+
+def make_stream(config: config_lib.Config, dataset: data_lib.Dataset,
+                seed: int) -> stream_lib.Stream:
+  """The checked task stream of ``seed`` on the device."""
+  tasks = tasks_lib.make_tasks(config.tasks, dataset, config.num_tasks, seed,
+                               val_fraction=config.val_fraction)
+  stream = stream_lib.make_stream(tasks, eval_batch_size=config.eval_batch_size,
+                                  train_examples=config.train_examples)
+  stream_lib.check_stream(stream, config)
+  return stream
+
+
+def _open(config, workdir, overwrite, resume, dataset, vmap_info):
+  """Prepares (or checks) ``workdir``; returns it, the data and done runs."""
+  if resume:
+    if overwrite:
+      raise ValueError("resume and overwrite exclude each other.")
+    workdir = pathlib.Path(workdir)
+    workdir_lib.check_resume(workdir, config)
+  else:
+    workdir = workdir_lib.prepare_workdir(workdir, overwrite)
+    # An overwritten run's checkpoints must not leak into this one.
+    shutil.rmtree(workdir / workdir_lib.CHECKPOINTS, ignore_errors=True)
+  if dataset is None:
+    dataset = data_lib.load_dataset(config.dataset, config.data_dir)
+  info = workdir_lib.dataset_info(dataset)
+  done = {}
+  if resume:
+    workdir_lib.check_same_data(workdir, info)
+    done = {(r.method, r.lam, r.seed): r
+            for r in workdir_lib.load_results(workdir)}
+  header = {"config": config.to_json(), "dataset": info}
+  if vmap_info is not None:
+    header["vmap"] = vmap_info
+  files.write_json(workdir / "config.json", header)
+  return workdir, dataset, info, done
+
+
+def _log_result(result, source: str) -> None:
+  m = result.metrics()
+  logger.info("%10s lam=%-8g seed=%d  ACC %.4f  BWT %+.4f  val ACC %.4f  (%s)",
+              result.method, result.lam, result.seed, m["acc"], m["bwt"],
+              m["val_acc"], source)
+
+
+def _run_one(config, workdir, stream, method, lam, seed, on_chunk):
+  """One checkpointed run; a divergence says what was kept."""
+  ckpt_dir = (workdir / workdir_lib.CHECKPOINTS
+              / checkpoint_lib.run_name(method, lam, seed))
+  try:
+    output = loop.run(config, stream, method, [(lam, seed)],
+                      checkpoint_dir=ckpt_dir, on_chunk=on_chunk)
+  except loop.TrainingDiverged as e:
+    kept = sorted(int(p.name) for p in ckpt_dir.glob("*") if p.name.isdigit())
+    where = (f"its last good checkpoint (step {kept[-1]}) is kept in "
+             f"{ckpt_dir}" if kept else "this run had no checkpoint yet")
+    raise loop.TrainingDiverged(
+        f"{e} Finished runs are in {workdir / 'runs.json'}; {where}."
+    ) from None
+  return output, ckpt_dir
+
+
+def _run_all(config, workdir, dataset, info, done, out, on_chunk):
+  """Runs (or reads back) every (seed, method, lam) run, in order."""
+  for seed in config.seeds:
+    stream = None
+    for method in config.methods:
+      for lam in config.lams(method):
+        result = done.get((method, float(lam), seed))
+        ckpt_dir = None
+        if result is None:
+          if stream is None:  # only for seeds with runs left to do
+            stream = make_stream(config, dataset, seed)
+          output, ckpt_dir = _run_one(config, workdir, stream, method, lam,
+                                      seed, on_chunk)
+          result = output.results[0]
+          out["params"][(method, float(lam), seed)] = output.params
+          source = f"{result.time_s:.1f} s"
+        else:
+          source = "finished earlier, read from runs.json"
+        out["results"].append(result)
+        _log_result(result, source)
+        results_lib.write_results(workdir, config, info, out["results"],
+                                  final=False)
+        if ckpt_dir is not None and not config.keep_checkpoints:
+          shutil.rmtree(ckpt_dir, ignore_errors=True)
+
+
+def _run_groups(config, workdir, dataset, info, data_seed, out):
+  """Each method's sweep (of one seed, or of all on one stream) vmapped."""
+  groups = ([(seed, (seed,)) for seed in config.seeds] if data_seed is None
+            else [(data_seed, tuple(config.seeds))])
+  for stream_seed, seeds in groups:
+    stream = make_stream(config, dataset, stream_seed)
+    for method in config.methods:
+      output = loop.run_sweep(config, stream, method, config.lams(method),
+                              seeds, data_seed=stream_seed)
+      for k, result in enumerate(output.results):
+        out["params"][(method, result.lam, result.seed)] = jax.tree.map(
+            lambda x, k=k: x[k], output.params)
+        out["results"].append(result)
+        _log_result(result, f"{result.time_s:.1f} s, vmap "
+                    f"x{len(output.results)}")
+      results_lib.write_results(workdir, config, info, out["results"],
+                                final=False)
+
+
+def train_and_evaluate(config: config_lib.Config, workdir: Any, *,
+                       overwrite: bool = False,
+                       dataset: Optional[data_lib.Dataset] = None,
+                       resume: bool = False, vmap: bool = False,
+                       data_seed: Optional[int] = None,
+                       on_chunk: Optional[loop.ChunkHook] = None
+                       ) -> dict[str, Any]:
+  """Runs every method, lambda and seed of ``config``; writes the results.
+
+  Args:
+    config: the configuration.
+    workdir: the run directory (created; must be empty unless ``overwrite``
+      or ``resume``).
+    overwrite: allow a non-empty run directory (its checkpoints go).
+    dataset: use this dataset instead of loading ``config.dataset``.
+    resume: continue the run in ``workdir`` (finished runs are read from
+      ``runs.json``); ``config`` must equal the saved one.
+    vmap: train each method's sweep as one vmapped program (no
+      checkpoints).
+    data_seed: with ``vmap``: one task stream from this seed, shared by
+      every seed, so that lambdas x seeds form one program.
+    on_chunk: a test hook called after every training chunk
+      (:func:`loop.run`).
+
+  Returns:
+    The summary (as in ``summary.json``) plus ``"results"`` (every
+    :class:`results.MethodResult`), ``"params"`` (the final parameters of
+    each run trained here, by ``(method, lam, seed)``) and ``"workdir"``.
+
+  Raises:
+    stream.DataError: the data cannot be trained on (before any training).
+    loop.TrainingDiverged: a run's loss became nan or inf; the finished
+      runs' results and the failed run's last good checkpoint are kept.
+  """
+  config = config_lib.validate(config)
+  if vmap and resume:
+    raise ValueError("vmapped runs are not checkpointed: resume cannot "
+                     "continue them.")
+  if data_seed is not None and not vmap:
+    raise ValueError("data_seed needs vmap.")
+  workdir, dataset, info, done = _open(
+      config, workdir, overwrite, resume, dataset,
+      {"data_seed": data_seed} if vmap else None)
+  out = {"results": [], "params": {}}
+  if vmap:
+    _run_groups(config, workdir, dataset, info, data_seed, out)
+  else:
+    mesh = steps.data_mesh(config)
+    if mesh is not None:
+      logger.info("data parallel: each mini-batch sharded over %d devices "
+                  "(%s)", mesh.size, jax.devices()[0].platform)
+    with jax.set_mesh(mesh) if mesh is not None else contextlib.nullcontext():
+      _run_all(config, workdir, dataset, info, done, out, on_chunk)
+  summary = results_lib.write_results(workdir, config, info, out["results"],
+                                      final=True)
+  if not config.keep_checkpoints:
+    shutil.rmtree(workdir / workdir_lib.CHECKPOINTS, ignore_errors=True)
+  logger.info("%s", results_lib.format_table(summary["methods"]))
+  logger.info("%s", results_lib.format_timing(summary["methods"]))
+  return {**summary, **out, "workdir": workdir}

@@ -1,0 +1,226 @@
+r"""Permuted MNIST with EWC, online EWC, SI, L2, fine-tuning and joint training.
+
+Flags only: the work is in ``experiment.train_and_evaluate``. Every field of
+the configuration (``config.Config``) is a flag, listed below.
+
+Examples:
+  python -m experiments.permuted_mnist                      # quick preset
+  python -m experiments.permuted_mnist --methods finetune,ewc \
+      --lam 10,100,1000 --seeds 0,1,2 --out runs/sweep
+  python -m experiments.permuted_mnist --preset vandeven2019 \
+      --dataset mnist --data-dir DIR
+  python -m experiments.permuted_mnist --tasks split_task --num-tasks 5 \
+      --epochs 2 --hidden 400,400
+
+Lists take commas or spaces (``--seeds 0,1,2`` or ``--seeds 0 1 2``);
+``--set FIELD=VALUE`` sets any field too; ``--lr`` and ``--mesh`` are short
+for ``--learning-rate`` and ``--data-parallel``. ``--lam`` takes either one
+list, used by every regularised method in the run (``ewc``, ``online_ewc``,
+``l2``, and ``si``'s ``c``), or ``METHOD=LIST`` for one method (repeatable):
+``--lam ewc=100,1000 --lam si=0.5,1``. The value with the best validation
+accuracy (held out from the training data) is reported.
+
+Every run is checkpointed (after each task, and every ``--checkpoint-every``
+steps if set). ``--resume RUN_DIR`` continues an interrupted experiment with the
+config saved in RUN_DIR; flags given with it must agree with that config
+(only ``--no-progress`` and ``--keep-checkpoints`` may differ):
+  python -m experiments.permuted_mnist --out runs/a      # killed midway
+  python -m experiments.permuted_mnist --resume runs/a
+"""
+
+import argparse
+import dataclasses
+import logging
+import sys
+import typing
+from typing import Annotated, Any, Optional, Sequence
+
+import tyro
+
+from experiments.common import cli
+from experiments.permuted_mnist import config as config_lib
+from experiments.permuted_mnist import experiment
+from experiments.permuted_mnist import loop
+from experiments.permuted_mnist import stream as stream_lib
+from experiments.permuted_mnist import workdir as workdir_lib
+
+logger = logging.getLogger("experiments.permuted_mnist")
+PROG = "python -m experiments.permuted_mnist"
+ALIASES = {"--lr": "--learning-rate", "--mesh": "--data-parallel"}
+
+
+@dataclasses.dataclass(frozen=True)
+class Flags:
+  """The command line: the configuration's fields and how to run it.
+
+  Attributes:
+    config: every field of the experiment's configuration.
+    out: run directory (default runs/PRESET-TIME).
+    overwrite: allow a non-empty run directory.
+    resume: continue the interrupted experiment in this RUN_DIR.
+    vmap: train each method's lambdas as one vmapped program (not
+      checkpointed).
+    data_seed: with --vmap: one task stream from this seed, so that lambdas
+      x seeds train in one program.
+    quiet: only warnings and errors.
+    verbose: debug messages too.
+  """
+
+  config: Annotated[config_lib.Config, tyro.conf.arg(name="")]
+  out: Optional[str] = None
+  overwrite: bool = False
+  resume: Optional[str] = None
+  vmap: bool = False
+  data_seed: Optional[int] = None
+  quiet: bool = False
+  verbose: bool = False
+
+
+def _list_flags() -> list[str]:
+  hints = typing.get_type_hints(config_lib.Config)
+  return ["--" + name.replace("_", "-") for name, kind in hints.items()
+          if typing.get_origin(kind) is tuple]
+
+
+def set_to_flags(assignments: Sequence[str]) -> list[str]:
+  """``--set FIELD=VALUE`` as the field's own flag (``--field VALUE``).
+
+  Raises:
+    ValueError: no ``=``, or an unknown field (the valid ones listed).
+  """
+  names = [f.name for f in dataclasses.fields(config_lib.Config)]
+  out = []
+  for item in assignments:
+    field, sep, value = item.partition("=")
+    field = field.strip().replace("-", "_")
+    if not sep:
+      raise ValueError(f"--set expects FIELD=VALUE, got {item!r}.")
+    if field not in names:
+      raise ValueError(
+          f"unknown config field {field!r}; valid fields: "
+          f"{', '.join(sorted(names))}.")
+    out += ["--" + field.replace("_", "-"), value]
+  return out
+
+
+def lam_assignments(values: Sequence[str],
+                    methods: Sequence[str]) -> dict[str, tuple[float, ...]]:
+  """Turns ``--lam`` values into config changes ``{field: sweep}``.
+
+  Args:
+    values: each ``LIST`` (for every regularised method in ``methods``) or
+      ``METHOD=LIST``.
+    methods: the methods of the run.
+
+  Raises:
+    ValueError: a method without a strength, or a value that is no number.
+  """
+  changes = {}
+  for value in values:
+    method, sep, numbers = value.partition("=")
+    if not sep:
+      fields = [config_lib.LAM_FIELDS[m] for m in methods
+                if m in config_lib.LAM_FIELDS]
+      numbers = value
+    elif method in config_lib.LAM_FIELDS:
+      fields = [config_lib.LAM_FIELDS[method]]
+    else:
+      raise ValueError(
+          f"--lam {value}: {method!r} has no strength; choose from "
+          f"{sorted(config_lib.LAM_FIELDS)}.")
+    try:
+      sweep = tuple(float(v) for v in numbers.split(",") if v.strip())
+    except ValueError:
+      raise ValueError(f"--lam {value}: not a list of numbers.") from None
+    changes.update({field: sweep for field in fields})
+  return changes
+
+
+def parse(argv: Sequence[str]) -> tuple[Flags, config_lib.Config]:
+  """The flags and the resolved, validated configuration.
+
+  Raises:
+    ValueError, FileNotFoundError: a bad value (naming the field) or a run
+      directory that cannot be resumed.
+  """
+  pre = argparse.ArgumentParser(add_help=False)
+  pre.add_argument("--preset")
+  pre.add_argument("--set", action="append", default=[])
+  pre.add_argument("--lam", action="append", default=[])
+  pre.add_argument("--resume")
+  known, rest = pre.parse_known_args(argv)
+  if known.resume is not None:  # read here, and still a flag of Flags
+    rest += ["--resume", known.resume]
+  rest = [ALIASES.get(w.partition("=")[0], w.partition("=")[0])
+          + w.partition("=")[1] + w.partition("=")[2] if w.startswith("--")
+          else w for w in rest]
+  rest = cli.split_commas(rest + set_to_flags(known.set), _list_flags())
+  if known.resume is not None and known.preset is None:
+    base = workdir_lib.saved_config(known.resume)
+  else:
+    base = config_lib.get_config(known.preset or "quick")
+  flags = tyro.cli(Flags, default=Flags(config=base), args=rest, prog=PROG,
+                   description=__doc__)
+  config = flags.config
+  changes = lam_assignments(known.lam, config.methods)
+  return flags, config_lib.validate(dataclasses.replace(config, **changes))
+
+
+def _workdir(flags: Flags, config: config_lib.Config) -> Any:
+  """The run directory, checked (resume) or prepared (a new run)."""
+  if flags.resume:
+    if flags.out or flags.overwrite:
+      raise ValueError(
+          "--resume continues RUN_DIR in place: drop --out and --overwrite.")
+    if flags.vmap:
+      raise ValueError("--vmap runs are not checkpointed: --resume cannot "
+                       "continue them.")
+    workdir_lib.check_resume(flags.resume, config)
+    return flags.resume
+  if flags.data_seed is not None and not flags.vmap:
+    raise ValueError("--data-seed needs --vmap.")
+  workdir = flags.out or workdir_lib.default_workdir(config)
+  workdir_lib.prepare_workdir(workdir, flags.overwrite)
+  return workdir
+
+
+def main(argv: Optional[Sequence[str]] = None, *,
+         on_chunk: Optional[loop.ChunkHook] = None) -> int:
+  """Parses flags, runs the experiment, logs the summary table.
+
+  Args:
+    argv: the arguments (default ``sys.argv[1:]``).
+    on_chunk: a test hook (:func:`loop.run`); never set from the command
+      line.
+
+  Returns:
+    The exit status (2 with a message on stderr for bad flags).
+  """
+  argv = sys.argv[1:] if argv is None else list(argv)
+  try:
+    flags, config = parse(argv)
+    workdir = _workdir(flags, config)
+  except (ValueError, FileExistsError, FileNotFoundError) as e:
+    print(f"{PROG}: error: {e}", file=sys.stderr)
+    raise SystemExit(2) from None
+  with cli.logging_to_stdout(quiet=flags.quiet, verbose=flags.verbose):
+    return _run(flags, config, workdir, on_chunk)
+
+
+def _run(flags: Flags, config: config_lib.Config, workdir: Any,
+         on_chunk: Optional[loop.ChunkHook]) -> int:
+  """Runs the experiment; 1 with a message on stderr for bad data or a
+  diverged run."""
+  # Said first, so that a run killed midway knows where to resume from.
+  logger.info("run directory: %s (continue an interrupted run with "
+              "--resume %s)", workdir, workdir)
+  try:
+    summary = experiment.train_and_evaluate(
+        config, workdir, overwrite=flags.overwrite,
+        resume=bool(flags.resume), vmap=flags.vmap,
+        data_seed=flags.data_seed, on_chunk=on_chunk)
+  except (stream_lib.DataError, loop.TrainingDiverged) as e:
+    print(f"error: {e}", file=sys.stderr)
+    return 1
+  logger.info("results in %s", summary["workdir"])
+  return 0

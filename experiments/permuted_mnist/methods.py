@@ -1,0 +1,245 @@
+"""The methods, as a registry: what each one folds in after a task.
+
+Every method trains the same model with the same optimiser,
+``optax.chain(ewc_jax.ewc(lam, mode=..., gamma=...), base_optimizer)``; a
+:class:`Method` declares how it wires that pull (mode, the config field of
+its strength, the strength's scale, whether ``gamma`` applies) and its
+importance function: what :func:`ewc_jax.consolidate` folds in at each task
+boundary. Adding a method (MAS, KFAC-EWC) is adding one entry to
+:data:`REGISTRY`.
+
+* ``finetune``: nothing (``lam = 0``): the forgetting baseline.
+* ``l2``: a "Fisher" of ones, i.e. plain L2 towards the past solutions.
+* ``ewc``: the diagonal Fisher of the finished task (Kirkpatrick et al. 2017),
+  one quadratic per task (``mode="separate"``).
+* ``online_ewc``: ``F* <- gamma F* + F`` anchored at the latest parameters
+  (Schwarz et al. 2018).
+* ``si``: Synaptic Intelligence (Zenke et al. 2017): the importance
+  ``Omega = max(omega, 0) / (Delta^2 + xi)`` from the path integral
+  ``omega = sum_steps -g * delta_theta`` (``g`` the gradient of the task loss
+  alone, tracked by the training step), folded in online with ``gamma = 1``.
+  Zenke's surrogate loss ``c sum Omega (theta - theta*)^2`` has no 1/2, so
+  the pull uses ``lam = 2 c``. Negative path integrals are clipped at 0: a
+  negative curvature would push parameters away.
+* ``joint``: one model trained on the union of all tasks: the upper bound.
+"""
+
+import dataclasses
+import functools
+import warnings
+from typing import Any, Callable, Optional
+
+import jax
+import jax.numpy as jnp
+import optax
+
+import ewc_jax
+from experiments.permuted_mnist import models
+from experiments.permuted_mnist import stream as stream_lib
+
+# importance(config, graphdef, state, task, key) -> a tree like the params.
+Importance = Callable[..., Any]
+
+
+@dataclasses.dataclass(frozen=True)
+class Method:
+  """One continual-learning method.
+
+  Attributes:
+    name: the name used on the command line and in the results.
+    lam_field: the config field holding its strength sweep (``None``: no
+      pull, ``lam = 0``).
+    mode: the pull's mode, ``"separate"`` or ``"online"``.
+    lam_scale: the pull's ``lam`` is ``lam_scale`` times the swept value
+      (SI: 2, Zenke's ``c`` has no 1/2).
+    uses_gamma: the pull decays the old curvature by ``config.gamma``.
+    importance: ``(config, graphdef, state, task, key) -> curvature`` of one
+      run, folded in after every task but the last (``None``: nothing).
+    member_importance: the same for stacked members (``keys`` ``[K]``);
+      ``None``: one :attr:`importance` call per member.
+    tracks_path: the training state carries SI's path integral.
+    joint: trains once on the union of all tasks.
+  """
+
+  name: str
+  lam_field: Optional[str] = None
+  mode: str = "separate"
+  lam_scale: float = 1.0
+  uses_gamma: bool = False
+  importance: Optional[Importance] = None
+  member_importance: Optional[Importance] = None
+  tracks_path: bool = False
+  joint: bool = False
+
+  def pull(self, lam: float, config: Any) -> tuple[float, float]:
+    """The pull's ``(lam, gamma)`` for the swept value ``lam``."""
+    pull_lam = 0.0 if self.lam_field is None else self.lam_scale * float(lam)
+    return pull_lam, float(config.gamma) if self.uses_gamma else 1.0
+
+
+# ----------------------------------------------------------------------------
+# Optimiser wiring: lambda and gamma live in ONE place, the optimiser state.
+
+
+@functools.lru_cache(maxsize=None)
+def make_optimizer(base: tuple[Any, ...],
+                   mode: str) -> optax.GradientTransformation:
+  """``optax.chain(ewc_jax.ewc(lam, mode=mode, gamma=...), base optimiser)``.
+
+  ``lam`` and ``gamma`` are injected hyperparameters: they live in the
+  optimiser state (:func:`set_pull`), not in the transformation. One object
+  per ``(base, mode)`` (cached), so every lambda of a sweep, every seed and
+  the unregularised methods share one compiled training chunk.
+
+  Args:
+    base: ``("adam", lr, b1, b2)`` or ``("sgd", lr, momentum)``.
+    mode: ``"separate"`` or ``"online"``.
+  """
+  if base[0] == "adam":
+    _, lr, b1, b2 = base
+    base_tx = optax.adam(lr, b1=b1, b2=b2)
+  elif base[0] == "sgd":
+    _, lr, momentum = base
+    base_tx = optax.sgd(lr, momentum=momentum or None)
+  else:
+    raise ValueError(f"unknown optimizer {base[0]!r}.")
+  pull = optax.inject_hyperparams(ewc_jax.ewc, static_args=("mode",))
+  return optax.chain(pull(lam=0.0, mode=mode, gamma=1.0), base_tx)
+
+
+def set_pull(opt_state: Any, lam: float, gamma: float) -> Any:
+  """The optimiser state with the pull's ``lam`` and ``gamma`` set.
+
+  The one place that knows where they live: ``inject_hyperparams``' copy
+  and the EWC state's own (``consolidate`` reads ``gamma`` there). Once
+  ``ewc_jax.EWCState`` is a NamedTuple this is
+  ``optax.tree_utils.tree_set(opt_state, lam=..., gamma=...)``.
+  """
+  pull_state, *rest = opt_state
+  values = {"lam": jnp.asarray(lam, jnp.float32),
+            "gamma": jnp.asarray(gamma, jnp.float32)}
+  pull_state = pull_state._replace(
+      hyperparams={**pull_state.hyperparams, **values},
+      inner_state=dataclasses.replace(pull_state.inner_state, **values))
+  return (pull_state, *rest)
+
+
+def base_optimizer(config: Any) -> tuple[Any, ...]:
+  """The hashable description of ``config``'s base optimiser."""
+  if config.optimizer == "adam":
+    return ("adam", config.learning_rate, config.b1, config.b2)
+  return ("sgd", config.learning_rate, config.momentum)
+
+
+# ----------------------------------------------------------------------------
+# Importance functions.
+
+
+def ones_importance(config, graphdef, state, task, key):
+  """L2: a curvature of ones (stacked states work as they are)."""
+  del config, graphdef, task, key
+  return jax.tree.map(jnp.ones_like, state.params)
+
+
+def si_importance(omega, params, start, xi: float):
+  """SI's importance ``max(omega, 0) / ((params - start)^2 + xi)``.
+
+  Args:
+    omega: the path integral ``sum -g * delta`` of the finished task.
+    params: the parameters at the end of the task.
+    start: the parameters at its start.
+    xi: the damping term.
+
+  Returns:
+    A non-negative float32 tree shaped like ``params``.
+  """
+  return jax.tree.map(
+      lambda w, p, s: jnp.maximum(w, 0.0) / (jnp.square(p - s) + xi),
+      omega, params, start)
+
+
+def si_state_importance(config, graphdef, state, task, key):
+  """SI's importance from the training state (elementwise: stacks work)."""
+  del graphdef, task, key
+  return si_importance(state.omega, state.params, state.start, config.si_xi)
+
+
+def fisher_fn(config, graphdef, task, data) -> Callable[[Any, Any], Any]:
+  """``(params, key) -> `` the diagonal Fisher of ``task`` on ``data``."""
+  apply_fn = models.eval_apply_fn(graphdef, tuple(task.classes),
+                                  task.num_classes)
+
+  def fisher(params, key):
+    return ewc_jax.fisher_diagonal(
+        apply_fn, params, data, estimator=config.fisher, rng=key,
+        batch_size=config.fisher_batch_size)
+
+  return fisher
+
+
+def fisher_importance(config, graphdef, state, task, key):
+  """The diagonal Fisher on (a ``fisher_examples`` subset of) the task."""
+  seed = int(jax.random.randint(key, [], 0, 2**31 - 1))
+  data = stream_lib.subset(task.train_x, task.train_y,
+                           config.fisher_examples, seed)
+  return fisher_fn(config, graphdef, task, data)(state.params, key)
+
+
+def shares_fisher_data(config: Any, task: Any) -> bool:
+  """Whether every member's Fisher reads the same examples of ``task``
+  (no ``fisher_examples`` budget smaller than the task)."""
+  limit = config.fisher_examples
+  return limit is None or len(task.train_y) <= limit
+
+
+def fisher_member_importance(config, graphdef, state, task, keys):
+  """Every member's Fisher: one vmapped pass over shared data, else
+  :func:`fisher_importance` per member (each draws its own subset)."""
+  if not shares_fisher_data(config, task):
+    return per_member(fisher_importance)(config, graphdef, state, task, keys)
+  fisher = fisher_fn(config, graphdef, task, (task.train_x, task.train_y))
+  with warnings.catch_warnings():
+    # The first chunk's accumulator is unbatched (zeros), the result
+    # batched: its donation cannot be used, which is harmless.
+    warnings.filterwarnings("ignore", "Some donated buffers were not usable")
+    return jax.vmap(fisher)(state.params, keys)
+
+
+def per_member(importance: Importance) -> Importance:
+  """Applies a one-run ``importance`` to each stacked member in turn."""
+
+  def members(config, graphdef, state, task, keys):
+    one = lambda k: jax.tree.map(lambda x: x[k], state)  # noqa: E731
+    parts = [importance(config, graphdef, one(k), task, keys[k])
+             for k in range(len(keys))]
+    return jax.tree.map(lambda *leaves: jnp.stack(leaves), *parts)
+
+  return members
+
+
+REGISTRY: dict[str, Method] = {m.name: m for m in (
+    Method("finetune"),
+    Method("l2", lam_field="l2_lam", importance=ones_importance,
+           member_importance=ones_importance),
+    Method("ewc", lam_field="lam", importance=fisher_importance,
+           member_importance=fisher_member_importance),
+    Method("online_ewc", lam_field="online_lam", mode="online",
+           uses_gamma=True, importance=fisher_importance,
+           member_importance=fisher_member_importance),
+    Method("si", lam_field="si_c", mode="online", lam_scale=2.0,
+           importance=si_state_importance,
+           member_importance=si_state_importance, tracks_path=True),
+    Method("joint", joint=True),
+)}
+
+
+def get(name: str) -> Method:
+  """The registered method ``name``.
+
+  Raises:
+    ValueError: an unknown name (the valid ones are listed).
+  """
+  if name not in REGISTRY:
+    raise ValueError(
+        f"unknown method {name!r}; valid: {tuple(REGISTRY)}.")
+  return REGISTRY[name]
