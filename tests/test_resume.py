@@ -23,7 +23,6 @@ import pytest
 from flax import nnx
 
 import ewc_jax
-from ewc_jax import continual
 from experiments import data
 from experiments.common import checkpoint as checkpoint_lib
 from experiments.permuted_mnist import checkpointing
@@ -596,35 +595,6 @@ def test_transform_rejects_integer_params_and_other_node_types():
   # Same paths, other node types: a tuple and a list.
   with pytest.raises(ValueError, match="different node types"):
     ewc_jax.ewc_penalty((PARAMS["w"],), [PARAMS["w"]], (PARAMS["w"],), 1.0)
-
-
-def _linear_loss(p, example):
-  x, y = example
-  return jnp.square(x @ p["w"] - y)
-
-
-def test_continual_rejects_bad_arguments():
-  params = {"w": jnp.zeros(3)}
-  x, y = jnp.ones((8, 3)), jnp.ones(8)
-  for kwargs, match in (
-      (dict(eval_every=0), "eval_every must be a positive int"),
-      (dict(eval_batch_size=0), "eval_batch_size must be a positive int"),
-      (dict(callback=3), "callback must be callable"),
-      (dict(eval_data={"old": (x[:0], y[:0])}),
-       r"eval_data\['old'\] holds no examples"),
-  ):
-    with pytest.raises(ValueError, match=match):
-      continual.train(_linear_loss, params, (x, y), batch_size=4, **kwargs)
-  for kwargs, match in (
-      (dict(fisher_batch_size=0), "fisher_batch_size must be a positive int"),
-      (dict(fisher_examples=0), "fisher_examples must be a positive int"),
-  ):
-    with pytest.raises(ValueError, match=match):
-      continual.continual_fine_tune(_linear_loss, params, (x, y), (x, y),
-                                    batch_size=4, **kwargs)
-  with pytest.raises(ValueError, match="data holds no examples: nothing to "
-                                       "evaluate"):
-    continual.evaluate(_linear_loss, params, (x[:0], y[:0]))
 
 
 def test_read_idx_truncated_header(tmp_path):

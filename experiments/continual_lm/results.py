@@ -5,7 +5,7 @@ import json
 import pathlib
 from typing import Any
 
-from experiments.files import write_atomic
+from experiments.common.files import write_atomic
 
 
 def results_table(results: dict[str, Any]) -> str:

@@ -84,10 +84,11 @@ class Method:
 @functools.lru_cache(maxsize=None)
 def make_optimizer(base: tuple[Any, ...],
                    mode: str) -> optax.GradientTransformation:
-  """``optax.chain(ewc_jax.ewc(lam, mode=mode, gamma=...), base optimiser)``.
+  """``optax.chain(ewc_jax.ewc(lam, mode=mode), base optimiser)``.
 
-  ``lam`` and ``gamma`` are injected hyperparameters: they live in the
-  optimiser state (:func:`set_pull`), not in the transformation. One object
+  ``lam`` is an injected hyperparameter and ``gamma`` a field of the EWC
+  state: both live in the optimiser state (:func:`set_pull`), not in the
+  transformation. One object
   per ``(base, mode)`` (cached), so every lambda of a sweep, every seed and
   the unregularised methods share one compiled training chunk.
 
@@ -104,24 +105,20 @@ def make_optimizer(base: tuple[Any, ...],
   else:
     raise ValueError(f"unknown optimizer {base[0]!r}.")
   pull = optax.inject_hyperparams(ewc_jax.ewc, static_args=("mode",))
-  return optax.chain(pull(lam=0.0, mode=mode, gamma=1.0), base_tx)
+  return optax.chain(pull(lam=0.0, mode=mode), base_tx)
 
 
 def set_pull(opt_state: Any, lam: float, gamma: float) -> Any:
   """The optimiser state with the pull's ``lam`` and ``gamma`` set.
 
-  The one place that knows where they live: ``inject_hyperparams``' copy
-  and the EWC state's own (``consolidate`` reads ``gamma`` there). Once
-  ``ewc_jax.EWCState`` is a NamedTuple this is
-  ``optax.tree_utils.tree_set(opt_state, lam=..., gamma=...)``.
+  ``lam`` is ``inject_hyperparams``' hyperparameter (read by every update);
+  ``gamma`` lives in the EWC state (read by ``consolidate``). Both are set by
+  name with ``optax.tree_utils.tree_set``, as float32 arrays so the jitted
+  step is not retraced.
   """
-  pull_state, *rest = opt_state
-  values = {"lam": jnp.asarray(lam, jnp.float32),
-            "gamma": jnp.asarray(gamma, jnp.float32)}
-  pull_state = pull_state._replace(
-      hyperparams={**pull_state.hyperparams, **values},
-      inner_state=dataclasses.replace(pull_state.inner_state, **values))
-  return (pull_state, *rest)
+  return optax.tree_utils.tree_set(
+      opt_state, lam=jnp.asarray(lam, jnp.float32),
+      gamma=jnp.asarray(gamma, jnp.float32))
 
 
 def base_optimizer(config: Any) -> tuple[Any, ...]:
