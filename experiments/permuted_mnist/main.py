@@ -38,9 +38,11 @@ from typing import Annotated, Any, Optional, Sequence
 import tyro
 
 from experiments.common import cli
+from experiments.common import tracking
 from experiments.permuted_mnist import config as config_lib
 from experiments.permuted_mnist import experiment
 from experiments.permuted_mnist import loop
+from experiments.permuted_mnist import monitor
 from experiments.permuted_mnist import stream as stream_lib
 from experiments.permuted_mnist import workdir as workdir_lib
 
@@ -64,6 +66,10 @@ class Flags:
       x seeds train in one program.
     quiet: only warnings and errors.
     verbose: debug messages too.
+    logdir: write live TensorBoard event files here, one subdirectory per
+      run (``tensorboard --logdir DIR`` shows them).
+    wandb: log each run to Weights & Biases too (needs ``wandb``).
+    wandb_project: the W&B project of --wandb.
   """
 
   config: Annotated[config_lib.Config, tyro.conf.arg(name="")]
@@ -74,6 +80,9 @@ class Flags:
   data_seed: Optional[int] = None
   quiet: bool = False
   verbose: bool = False
+  logdir: Optional[str] = None
+  wandb: bool = False
+  wandb_project: str = "ewc_jax"
 
 
 def _list_flags() -> list[str]:
@@ -199,12 +208,22 @@ def main(argv: Optional[Sequence[str]] = None, *,
   argv = sys.argv[1:] if argv is None else list(argv)
   try:
     flags, config = parse(argv)
+    if flags.wandb:
+      tracking.import_wandb()  # a missing wandb fails before any work
     workdir = _workdir(flags, config)
-  except (ValueError, FileExistsError, FileNotFoundError) as e:
+  except (ValueError, ImportError, FileExistsError, FileNotFoundError) as e:
     print(f"{PROG}: error: {e}", file=sys.stderr)
     raise SystemExit(2) from None
   with cli.logging_to_stdout(quiet=flags.quiet, verbose=flags.verbose):
     return _run(flags, config, workdir, on_chunk)
+
+
+def _live(flags: Flags, workdir: Any) -> Optional[monitor.LiveMetrics]:
+  if flags.logdir is None and not flags.wandb:
+    return None
+  return monitor.LiveMetrics(
+      logdir=flags.logdir, group=str(workdir),
+      wandb_project=flags.wandb_project if flags.wandb else None)
 
 
 def _run(flags: Flags, config: config_lib.Config, workdir: Any,
@@ -218,7 +237,8 @@ def _run(flags: Flags, config: config_lib.Config, workdir: Any,
     summary = experiment.train_and_evaluate(
         config, workdir, overwrite=flags.overwrite,
         resume=bool(flags.resume), vmap=flags.vmap,
-        data_seed=flags.data_seed, on_chunk=on_chunk)
+        data_seed=flags.data_seed, on_chunk=on_chunk,
+        live=_live(flags, workdir))
   except (stream_lib.DataError, loop.TrainingDiverged) as e:
     print(f"error: {e}", file=sys.stderr)
     return 1
