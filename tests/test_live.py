@@ -10,6 +10,8 @@ import pytest
 
 from experiments.common import tracking
 from experiments.permuted_mnist import experiment
+from experiments.permuted_mnist import loop
+from experiments.permuted_mnist import methods as methods_lib
 from experiments.permuted_mnist import main as permuted_mnist
 from experiments.permuted_mnist import monitor as monitor_lib
 from tests import tiny
@@ -157,3 +159,51 @@ def test_read_scalars_refuses_a_corrupt_file(tmp_path):
     tracking.read_scalars(tmp_path / "r")
   with pytest.raises(ValueError, match="axis"):
     tracking.TensorBoard(tmp_path / "x").scalars({"a": 1.0}, 0, axis="t")
+
+
+class _Interrupted(Exception):
+  pass
+
+
+def test_resumed_run_logs_each_step_once(tmp_path):
+  config = tiny.config(methods=("ewc",), hidden=(8,), epochs=1,
+                       checkpoint_every=5)
+  stream, ckpt = tiny.stream(), tmp_path / "ckpt"
+  live = monitor_lib.LiveMetrics(logdir=str(tmp_path / "tb"))
+  done = [0]
+
+  def interrupt(steps):
+    done[0] += steps
+    if done[0] >= 26:  # task 2, step 10: its last checkpoint is at step 5
+      raise _Interrupted
+
+  with live.open(config, methods_lib.get("ewc"), [(1.0, 0)]) as monitor:
+    with pytest.raises(_Interrupted):
+      loop.run_method(config, stream, "ewc", 0, 1.0, checkpoint_dir=ckpt,
+                      on_chunk=interrupt, monitor=monitor)
+  with live.open(config, methods_lib.get("ewc"), [(1.0, 0)]) as monitor:
+    result = loop.run_method(config, stream, "ewc", 0, 1.0,
+                             checkpoint_dir=ckpt, monitor=monitor)
+  run_dir = tmp_path / "tb" / "ewc-lam1.0-seed0"
+  assert len(list(run_dir.glob("events.out.tfevents.*"))) == 2
+  scalars = tracking.read_scalars(run_dir)
+  steps, values = zip(*scalars["train/loss"])
+  assert list(steps) == sorted(set(steps))  # once each, in order
+  np.testing.assert_allclose(values, np.concatenate(result.train_loss),
+                             rtol=1e-6)
+  for j in range(3):
+    assert [s for s, _ in scalars[f"acc/task_{j}"]] == [0, 1, 2]
+  _same_as_tensorboard(run_dir, scalars)
+
+
+def _same_as_tensorboard(run_dir, scalars):
+  """TensorBoard's own reader (where installed) sees the same scalars."""
+  try:
+    from tensorboard.backend.event_processing import (  # noqa: PLC0415
+        event_accumulator)
+  except ImportError:
+    return
+  acc = event_accumulator.EventAccumulator(str(run_dir))
+  acc.Reload()
+  assert scalars == {tag: [(e.step, e.value) for e in acc.Scalars(tag)]
+                     for tag in acc.Tags()["scalars"]}

@@ -208,6 +208,8 @@ def read_scalars(logdir: Any) -> dict[str, list[tuple[int, float]]]:
 
   Returns:
     ``{tag: [(step, value), ...]}`` in the order written (files by name).
+    As in TensorBoard, a session start at step ``s`` (a resumed run's
+    purge step) drops every value logged earlier at step ``s`` or later.
 
   Raises:
     FileNotFoundError: no event file in ``logdir``.
@@ -222,6 +224,10 @@ def read_scalars(logdir: Any) -> dict[str, list[tuple[int, float]]]:
   for path in files:
     for record in _records(path.read_bytes(), path):
       event = event_pb2.Event.FromString(record)
+      if (event.HasField("session_log") and event.session_log.status
+          == event_pb2.SessionLog.START):
+        out = {tag: [(s, v) for s, v in values if s < event.step]
+               for tag, values in out.items()}
       for value in event.summary.value:
         if value.HasField("simple_value"):
           out.setdefault(value.tag, []).append(

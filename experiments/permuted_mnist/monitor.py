@@ -68,11 +68,12 @@ class Monitor:
   def start(self, step: int) -> None:
     """Opens the trackers; the run starts (or resumes) at ``step``.
 
-    A resumed run's trackers drop what an interrupted attempt logged from
-    ``step`` on (TensorBoard's purge step), so no stretch shows twice.
+    A resumed run's trackers drop what an interrupted attempt logged after
+    ``step`` (TensorBoard's purge step), so no stretch shows twice; the
+    loss at ``step`` itself was read before the checkpoint and stays.
     """
     self.close()
-    self.trackers = self._open(step if step > 0 else None)
+    self.trackers = self._open(step + 1 if step > 0 else None)
 
   def loss(self, step: int, losses: np.ndarray) -> None:
     """Each member's mean loss of the chunk ending at ``step``."""
