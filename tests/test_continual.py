@@ -14,6 +14,7 @@ import pytest
 
 import ewc_jax
 from ewc_jax import continual
+from experiments.common import tracking
 from experiments.continual_lm import config as config_lib
 from experiments.continual_lm import corpora
 from experiments.continual_lm import main as main_lib
@@ -350,7 +351,8 @@ def test_experiment_main_writes_outputs(tmp_path, capsys):
   rc = main_lib.main([
       "--preset", "tiny", "--corpus-a", str(corpus_a), "--corpus-b",
       str(corpus_b), "--lam", "1", "10", "--pretrain-steps", "6", "--steps",
-      "4", "--pretrain-eval-every", "2", "--out", str(out)])
+      "4", "--pretrain-eval-every", "2", "--out", str(out), "--logdir",
+      str(tmp_path / "tb")])
   assert rc == 0
   results = json.loads((out / "results.json").read_text())
   assert [(r["method"], r["lam"]) for r in results["runs"]] == [
@@ -370,6 +372,26 @@ def test_experiment_main_writes_outputs(tmp_path, capsys):
   assert "| lambda (per-example scale) |" in (out / "results.md").read_text()
   assert "ppl A ewc" in capsys.readouterr().out
   assert not list(out.glob(".*.tmp"))  # atomic writes leave no temp files
+  _check_live_metrics(tmp_path / "tb", results)
+
+
+def _check_live_metrics(logdir, results):
+  """--logdir: one run each, every step's loss, the held-out perplexity."""
+  assert sorted(p.name for p in logdir.iterdir()) == [
+      "batched-lam8.0", "batched-lam80.0", "ewc-lam1.0", "ewc-lam10.0",
+      "finetune-lam0.0", "pretrain"]
+  pre = tracking.read_scalars(logdir / "pretrain")
+  assert [s for s, _ in pre["train/loss"]] == list(range(1, 7))
+  assert "train/penalty" not in pre
+  np.testing.assert_allclose([v for _, v in pre["heldout/ppl_a"]],
+                             results["pretrain"]["ppl_a"][1:], rtol=1e-5)
+  for r in results["runs"]:
+    got = tracking.read_scalars(logdir / f"{r['method']}-lam{r['lam']!r}")
+    assert [s for s, _ in got["train/loss"]] == [1, 2, 3, 4]
+    assert ("train/penalty" in got) == (r["lam"] > 0)
+    assert [s for s, _ in got["heldout/ppl_b"]] == r["eval_steps"][1:]
+    np.testing.assert_allclose([v for _, v in got["heldout/ppl_b"]],
+                               r["ppl_b"][1:], rtol=1e-5)
 
 
 def test_experiment_rejects_bad_flags(tmp_path, capsys):

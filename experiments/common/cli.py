@@ -7,9 +7,11 @@ shown.
 """
 
 import contextlib
+import dataclasses
 import logging
 import sys
-from typing import Iterator, Sequence
+import typing
+from typing import Any, Iterator, Sequence
 
 @contextlib.contextmanager
 def logging_to_stdout(quiet: bool = False,
@@ -66,3 +68,11 @@ def split_commas(argv: Sequence[str], list_flags: Sequence[str]) -> list[str]:
     else:
       out.append(word)
   return out
+
+
+def list_flags(cls: Any) -> list[str]:
+  """The flags of ``cls``'s tuple-valued dataclass fields (``--seeds``),
+  for :func:`split_commas`."""
+  hints = typing.get_type_hints(cls, include_extras=False)
+  return ["--" + f.name.replace("_", "-") for f in dataclasses.fields(cls)
+          if typing.get_origin(hints[f.name]) is tuple]

@@ -32,7 +32,6 @@ import argparse
 import dataclasses
 import logging
 import sys
-import typing
 from typing import Annotated, Any, Optional, Sequence
 
 import tyro
@@ -83,12 +82,6 @@ class Flags:
   logdir: Optional[str] = None
   wandb: bool = False
   wandb_project: str = "ewc_jax"
-
-
-def _list_flags() -> list[str]:
-  hints = typing.get_type_hints(config_lib.Config)
-  return ["--" + name.replace("_", "-") for name, kind in hints.items()
-          if typing.get_origin(kind) is tuple]
 
 
 def set_to_flags(assignments: Sequence[str]) -> list[str]:
@@ -163,7 +156,8 @@ def parse(argv: Sequence[str]) -> tuple[Flags, config_lib.Config]:
   rest = [ALIASES.get(w.partition("=")[0], w.partition("=")[0])
           + w.partition("=")[1] + w.partition("=")[2] if w.startswith("--")
           else w for w in rest]
-  rest = cli.split_commas(rest + set_to_flags(known.set), _list_flags())
+  rest = cli.split_commas(rest + set_to_flags(known.set),
+                          cli.list_flags(config_lib.Config))
   if known.resume is not None and known.preset is None:
     base = workdir_lib.saved_config(known.resume)
   else:
