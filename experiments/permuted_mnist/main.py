@@ -26,6 +26,10 @@ config saved in RUN_DIR; flags given with it must agree with that config
 (only ``--no-progress`` and ``--keep-checkpoints`` may differ):
   python -m experiments.permuted_mnist --out runs/a      # killed midway
   python -m experiments.permuted_mnist --resume runs/a
+
+``--logdir DIR`` writes live TensorBoard curves (``tensorboard --logdir
+DIR``), one subdirectory per run; ``--wandb`` sends them to Weights & Biases
+(needs ``wandb``).
 """
 
 import argparse
