@@ -1,6 +1,7 @@
 """Live metrics: --logdir event files read back, W&B only where installed."""
 
 import builtins
+import contextlib
 import sys
 import types
 
@@ -177,11 +178,13 @@ def test_resumed_run_logs_each_step_once(tmp_path):
     if done[0] >= 26:  # task 2, step 10: its last checkpoint is at step 5
       raise _Interrupted
 
-  with live.open(config, methods_lib.get("ewc"), [(1.0, 0)]) as monitor:
+  with contextlib.closing(
+      live.open(config, methods_lib.get("ewc"), [(1.0, 0)])) as monitor:
     with pytest.raises(_Interrupted):
       loop.run_method(config, stream, "ewc", 0, 1.0, checkpoint_dir=ckpt,
                       on_chunk=interrupt, monitor=monitor)
-  with live.open(config, methods_lib.get("ewc"), [(1.0, 0)]) as monitor:
+  with contextlib.closing(
+      live.open(config, methods_lib.get("ewc"), [(1.0, 0)])) as monitor:
     result = loop.run_method(config, stream, "ewc", 0, 1.0,
                              checkpoint_dir=ckpt, monitor=monitor)
   run_dir = tmp_path / "tb" / "ewc-lam1.0-seed0"

@@ -24,7 +24,6 @@ from typing import Annotated, Optional, Sequence
 import tyro
 
 from experiments.common import cli
-from experiments.common import tracking
 from experiments.continual_lm import experiment
 from experiments.continual_lm import results as results_lib
 from experiments.continual_lm.config import PRESETS
@@ -42,21 +41,13 @@ class Flags:
   Attributes:
     config: every field of the experiment's configuration.
     out: output directory.
-    quiet: only warnings and errors.
-    verbose: debug messages too.
-    logdir: write live TensorBoard event files here, one subdirectory per
-      run (``tensorboard --logdir DIR`` shows them).
-    wandb: log each run to Weights & Biases too (needs ``wandb``).
-    wandb_project: the W&B project of --wandb.
+    output: messages and live metrics (--quiet, --logdir, --wandb, ...).
   """
 
   config: Annotated[Config, tyro.conf.arg(name="")]
   out: str = "runs/continual_lm"
-  quiet: bool = False
-  verbose: bool = False
-  logdir: Optional[str] = None
-  wandb: bool = False
-  wandb_project: str = "ewc_jax"
+  output: Annotated[cli.OutputFlags, tyro.conf.arg(name="")] = (
+      cli.OutputFlags())
 
 
 def parse(argv: Optional[Sequence[str]] = None) -> Flags:
@@ -81,19 +72,15 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
     return e.code if isinstance(e.code, int) else 2
   try:
     validate(flags.config)
-    if flags.wandb:
-      tracking.import_wandb()
+    flags.output.check()
     experiment.load_data(flags.config)  # bad corpora fail before training
   except (ValueError, ImportError) as e:
     print(f"{PROG}: error: {e}", file=sys.stderr)
     return 2
-  live = None
-  if flags.logdir is not None or flags.wandb:
-    live = experiment.LiveMetrics(
-        logdir=flags.logdir,
-        wandb_project=flags.wandb_project if flags.wandb else None)
+  live = flags.output.live()
+  live = None if live is None else experiment.LiveMetrics(**live)
   out = pathlib.Path(flags.out)
-  with cli.logging_to_stdout(quiet=flags.quiet, verbose=flags.verbose):
+  with flags.output.logging():
     results = experiment.run(flags.config, live=live)
     results_lib.write_outputs(results, out)
     logger.info("%s", results_lib.results_table(results))

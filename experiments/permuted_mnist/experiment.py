@@ -89,7 +89,8 @@ def _log_result(result, source: str) -> None:
 def _monitor(live, config, method, points, batched=False):
   if live is None:
     return contextlib.nullcontext()
-  return live.open(config, methods_lib.get(method), points, batched=batched)
+  return contextlib.closing(
+      live.open(config, methods_lib.get(method), points, batched=batched))
 
 
 def _run_one(config, workdir, stream, method, lam, seed, on_chunk, live):

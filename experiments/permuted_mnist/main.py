@@ -41,7 +41,6 @@ from typing import Annotated, Any, Optional, Sequence
 import tyro
 
 from experiments.common import cli
-from experiments.common import tracking
 from experiments.permuted_mnist import config as config_lib
 from experiments.permuted_mnist import experiment
 from experiments.permuted_mnist import loop
@@ -67,12 +66,7 @@ class Flags:
       checkpointed).
     data_seed: with --vmap: one task stream from this seed, so that lambdas
       x seeds train in one program.
-    quiet: only warnings and errors.
-    verbose: debug messages too.
-    logdir: write live TensorBoard event files here, one subdirectory per
-      run (``tensorboard --logdir DIR`` shows them).
-    wandb: log each run to Weights & Biases too (needs ``wandb``).
-    wandb_project: the W&B project of --wandb.
+    output: messages and live metrics (--quiet, --logdir, --wandb, ...).
   """
 
   config: Annotated[config_lib.Config, tyro.conf.arg(name="")]
@@ -81,11 +75,8 @@ class Flags:
   resume: Optional[str] = None
   vmap: bool = False
   data_seed: Optional[int] = None
-  quiet: bool = False
-  verbose: bool = False
-  logdir: Optional[str] = None
-  wandb: bool = False
-  wandb_project: str = "ewc_jax"
+  output: Annotated[cli.OutputFlags, tyro.conf.arg(name="")] = (
+      cli.OutputFlags())
 
 
 def set_to_flags(assignments: Sequence[str]) -> list[str]:
@@ -206,22 +197,19 @@ def main(argv: Optional[Sequence[str]] = None, *,
   argv = sys.argv[1:] if argv is None else list(argv)
   try:
     flags, config = parse(argv)
-    if flags.wandb:
-      tracking.import_wandb()  # a missing wandb fails before any work
+    flags.output.check()  # a missing wandb fails before any work
     workdir = _workdir(flags, config)
   except (ValueError, ImportError, FileExistsError, FileNotFoundError) as e:
     print(f"{PROG}: error: {e}", file=sys.stderr)
     raise SystemExit(2) from None
-  with cli.logging_to_stdout(quiet=flags.quiet, verbose=flags.verbose):
+  with flags.output.logging():
     return _run(flags, config, workdir, on_chunk)
 
 
 def _live(flags: Flags, workdir: Any) -> Optional[monitor.LiveMetrics]:
-  if flags.logdir is None and not flags.wandb:
-    return None
-  return monitor.LiveMetrics(
-      logdir=flags.logdir, group=str(workdir),
-      wandb_project=flags.wandb_project if flags.wandb else None)
+  live = flags.output.live()
+  return None if live is None else monitor.LiveMetrics(**live,
+                                                       group=str(workdir))
 
 
 def _run(flags: Flags, config: config_lib.Config, workdir: Any,

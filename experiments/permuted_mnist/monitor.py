@@ -115,12 +115,6 @@ class Monitor:
       tracker.close()
     self.trackers = []
 
-  def __enter__(self) -> "Monitor":
-    return self
-
-  def __exit__(self, *exc) -> None:
-    self.close()
-
 
 @dataclasses.dataclass(frozen=True)
 class LiveMetrics:
@@ -140,7 +134,7 @@ class LiveMetrics:
            points: Sequence[tuple[float, int]], *,
            batched: bool = False) -> Monitor:
     """The monitor of one :func:`loop.run` call (its trackers open when
-    the loop starts, :meth:`Monitor.start`).
+    the loop starts, :meth:`Monitor.start`; the caller closes it).
 
     Args:
       config: the experiment's config (W&B's run config).
