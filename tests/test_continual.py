@@ -323,8 +323,12 @@ def test_presets_are_valid_and_the_gpu_one_has_room():
 
 
 def test_bfloat16_language_model_flag():
-  config, _ = main_lib.parse(["--preset", "tiny", "--dtype", "bfloat16"])
+  flags = main_lib.parse(["--preset", "tiny", "--dtype", "bfloat16",
+                          "--lam", "1,10", "--out", "o", "--quiet"])
+  config = flags.config
   assert config.dtype == "bfloat16" and config.seq_len == 16
+  assert config.lams == (1.0, 10.0)  # commas, as the other experiment
+  assert flags.out == "o" and flags.output.quiet
   graphdef, params = lm_model.make_model(
       seq_len=config.seq_len, d_model=config.d_model,
       num_heads=config.num_heads, num_layers=config.num_layers,
@@ -366,6 +370,9 @@ def test_experiment_main_writes_outputs(tmp_path, capsys):
     assert r["eval_steps"][0] == 0 and r["eval_steps"][-1] == 4
     assert r["ppl_a_before"] == pytest.approx(pre["ppl_a_kept"], rel=1e-5)
   assert results["importance"]["ewc"]["dtypes"] == ["float32"]
+  timing = results["timing"]
+  assert set(timing) >= {"compile", "train", "fisher", "other"}
+  assert 0 < sum(timing.values()) <= results["seconds"] + 0.01
   assert results["importance"]["ratio_empirical_to_batched"] > 0
   assert len(results["corpora"]["a"]["sha256"]) == 64
   assert (out / "perplexity.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"

@@ -26,6 +26,7 @@ import numpy as np
 import optax
 
 import ewc_jax
+from experiments.common import timing as timing_lib
 from experiments.common import tracking
 from experiments.continual_lm import corpora
 from experiments.continual_lm import model as lm_model
@@ -242,7 +243,8 @@ def run(config: Config, *, live: Optional[LiveMetrics] = None
 
   Returns:
     The results: config, machine, corpora, before/after perplexities and
-    curves of every run (JSON-serialisable).
+    curves of every run, seconds per phase (``timing``: compile, train,
+    fisher, other); JSON-serialisable.
   """
   validate(config)
   start = time.perf_counter()
@@ -259,15 +261,18 @@ def run(config: Config, *, live: Optional[LiveMetrics] = None
       f"{lm_model.num_params(params):,}", config.dtype,
       info["a"]["train_sequences"], info["a"]["test_sequences"],
       info["b"]["train_sequences"], info["b"]["test_sequences"])
-  with _open(live, "pretrain", config) as trackers:
+  timer = timing_lib.PhaseTimer()  # compilation split out of each phase
+  with _open(live, "pretrain", config) as trackers, timer.phase("train"):
     params, pre = pretrain(config, loss_fn, params, data, key,
                            on_chunk=_chunk_hook(trackers, penalty=False))
   logger.info("trained on A in %.0f s, kept step %d: ppl A %.2f -> %.2f, "
               "ppl B %.2f", pre["seconds"], pre["best_step"], pre["ppl_a"][0],
               pre["ppl_a_kept"], pre["ppl_b_kept"])
-  found, importance_info = importances(config, loss_fn, params,
-                                       data["a"][0])
-  runs = fine_tune_all(config, loss_fn, params, data, found, key, live)
+  with timer.phase("fisher"):
+    found, importance_info = importances(config, loss_fn, params,
+                                         data["a"][0])
+  with timer.phase("train"):
+    runs = fine_tune_all(config, loss_fn, params, data, found, key, live)
   return {
       "config": dataclasses.asdict(config),
       "machine": {
@@ -283,4 +288,6 @@ def run(config: Config, *, live: Optional[LiveMetrics] = None
       "importance": importance_info,
       "runs": runs,
       "seconds": time.perf_counter() - start,
+      # Held-out evaluations are part of "train" here.
+      "timing": timer.finish(time.perf_counter() - start),
   }

@@ -84,6 +84,9 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
     results = experiment.run(flags.config, live=live)
     results_lib.write_outputs(results, out)
     logger.info("%s", results_lib.results_table(results))
+    logger.info("seconds per phase: %s", ", ".join(
+        f"{name} {value:.1f}" for name, value in results["timing"].items()
+        if value))
     logger.info("total %.0f s; wrote %s, %s, %s", results["seconds"],
                 out / "results.json", out / "results.md",
                 out / "perplexity.png")
