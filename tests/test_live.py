@@ -210,3 +210,38 @@ def _same_as_tensorboard(run_dir, scalars):
   acc.Reload()
   assert scalars == {tag: [(e.step, e.value) for e in acc.Scalars(tag)]
                      for tag in acc.Tags()["scalars"]}
+
+
+class _Recorder:
+  def __init__(self):
+    self.logged = []
+
+  def scalars(self, values, step, axis="step"):
+    self.logged.append((dict(values), step, axis))
+
+  def close(self):
+    pass
+
+
+def test_monitor_without_an_ewc_state_reports_no_pull():
+  # A method whose pull is no ewc_jax.ewc (e.g. Kronecker-factored) still
+  # gets its accuracies; the pull's sizes are left out, not guessed.
+  import optax  # noqa: PLC0415
+
+  from experiments.permuted_mnist import steps  # noqa: PLC0415
+  params = {"w": np.ones(3, np.float32)}
+  state = steps.State(params=params, opt_state=optax.adam(1e-3).init(params))
+  recorder = _Recorder()
+  monitor = monitor_lib.Monitor(lambda purge: [recorder], batched=False,
+                                reports_pull=True)
+  monitor.start(0)
+  monitor.loss(7, np.float32(0.25))
+  monitor.task_end(1, np.array([[0.5, 0.75, 0.1]]),
+                   np.array([[0.5, 0.25, 0.0]]), state, state)
+  (loss, step, axis), (values, task, task_axis) = recorder.logged
+  assert (loss, step, axis) == ({"train/loss": 0.25}, 7, "step")
+  assert (task, task_axis) == (1, "task")
+  assert values == pytest.approx({
+      "acc/task_0": 0.5, "acc/task_1": 0.75, "acc/task_2": 0.1,
+      "acc/average": 0.625, "acc/average_all": 0.45,
+      "val_acc/average": 0.375})

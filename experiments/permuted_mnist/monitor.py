@@ -51,6 +51,13 @@ def _curvature(opt_state, batched: bool) -> tuple[jax.Array, jax.Array]:
   return jax.vmap(one)(opt_state) if batched else one(opt_state)
 
 
+def holds_ewc_state(opt_state: Any) -> bool:
+  """Whether ``opt_state`` holds an :func:`ewc_jax.ewc` state (a method
+  with another pull, e.g. Kronecker-factored, reports no pull sizes)."""
+  return any(isinstance(x, ewc_jax.EWCState) for x in jax.tree.leaves(
+      opt_state, is_leaf=lambda x: isinstance(x, ewc_jax.EWCState)))
+
+
 class Monitor:
   """Sends the loop's numbers of K members to K trackers."""
 
@@ -93,7 +100,7 @@ class Monitor:
       after: the state with the task folded in (``None``: nothing folded).
     """
     pull = {}
-    if self.reports_pull:
+    if self.reports_pull and holds_ewc_state(before.opt_state):
       pull["pull/penalty"] = np.reshape(
           jax.device_get(_penalty(before, self.batched)), -1)
       if after is not None:
