@@ -16,6 +16,7 @@ import jax.numpy as jnp
 import numpy as np
 import optax
 
+from ewc_jax._src import chunking
 from ewc_jax._src import fisher as fisher_lib
 from ewc_jax._src import transform as transform_lib
 
@@ -38,11 +39,11 @@ def _check_positive_int(name: str, value: Any, *, allow_none: bool = False):
 
 def _num_examples(data: Any, name: str) -> int:
   """The leading size of an in-memory data set, with errors naming it."""
-  if not fisher_lib._is_batch(data):  # noqa: SLF001 (same package)
+  if not chunking.is_batch(data):
     raise ValueError(
         f"{name} must be a pytree of arrays with a leading example axis (e.g. "
         f"an int array [N, T] of token ids); got {type(data).__name__}.")
-  n = fisher_lib._leading_size(data, name)  # noqa: SLF001
+  n = chunking.leading_size(data, name)
   if n == 0:
     raise ValueError(f"{name} holds no examples.")
   return n
@@ -173,9 +174,9 @@ def evaluate(loss_fn: LossFn, params: Any, data: Any, *,
     ValueError: no examples in ``data``; a bad ``batch_size``.
   """
   total, count = jnp.zeros([], jnp.float32), 0
-  for chunk, mask in fisher_lib._chunks(  # noqa: SLF001
-      data, batch_size, None, "data"):
-    total = total + _loss_sum(loss_fn, params, chunk, jnp.asarray(mask))
+  for chunk, mask in chunking.chunks(data, batch_size, None, "data"):
+    total = total + _loss_sum(loss_fn, params, chunk,
+                              jnp.asarray(mask, jnp.float32))
     count += int(mask.sum())
   if count == 0:
     raise ValueError("data holds no examples: nothing to evaluate.")
