@@ -208,7 +208,7 @@ def check_label_shape(labels, name: str = "labels") -> None:
         f"{tuple(shape)}.{hint}")
   dtype = jnp.result_type(labels)
   if not jnp.issubdtype(dtype, jnp.integer):
-    raise ValueError(f"{name} must be integer class indices; got dtype "
+    raise ValueError(f"{name} must be integers (class indices); got dtype "
                      f"{dtype}.")
 
 

@@ -80,9 +80,10 @@ def compute_importance(
         \right)^2.
 
   * ``"batched"``: the square of each mini-batch's MEAN gradient, averaged
-    over the ``M`` mini-batches ``B_m`` of ``batch_size`` examples,
+    over the mini-batches ``B_m`` of ``batch_size`` examples weighted by
+    their sizes (a short last batch counts for what it holds),
 
-    .. math:: \tilde F = \frac{1}{M} \sum_m \left(\frac{1}{|B_m|}
+    .. math:: \tilde F = \frac{1}{N} \sum_m |B_m| \left(\frac{1}{|B_m|}
         \sum_{n \in B_m} \nabla_\theta \ell(\theta; z_n)\right)^2,
 
     which is what ``compute_importance`` of the PyTorch snippet (and

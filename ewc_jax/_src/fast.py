@@ -18,6 +18,7 @@ from typing import Optional
 
 import jax
 import jax.numpy as jnp
+import numpy as np
 
 from ewc_jax._src import layers as layers_lib
 from ewc_jax._src import likelihood
@@ -32,7 +33,8 @@ def example_bytes(apply_fn, params, example, num_cotangents: int) -> int:
   """Estimated float32 temporaries per example of this path (for plans)."""
   plan = layers_lib.plan_for(apply_fn, params, example)
   outs = sum(a.size for layer in plan.layers for a in layer.out_avals)
-  material = sum(jnp.size(jax.tree.leaves(params)[leaf])
+  leaves = jax.tree.leaves(params)
+  material = sum(int(np.prod(jnp.shape(leaves[leaf])))
                  for leaf in plan.material_leaves)
   return 4 * (example.size + (2 + num_cotangents) * outs + 2 * material)
 

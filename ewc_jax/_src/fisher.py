@@ -201,8 +201,7 @@ def _setup(apply_fn, params, inputs, estimator, num_samples, batch_size,
     example = jax.ShapeDtypeStruct(inputs.shape[1:], inputs.dtype)
     per = fast.example_bytes(apply_fn, params, example, k)
   else:
-    per = 4 * sum(np.size(p) for p in jax.tree.leaves(params)) * (
-        2 + (k > 1))
+    per = 4 * _size(params) * (2 + (k > 1))
   return num_classes, chosen, chunking.plan_chunks(
       batch_size, num_examples, example_bytes=per)
 
@@ -220,14 +219,16 @@ def _fisher_of_arrays(apply_fn, params, data, estimator, key, num_samples,
                                      num_samples, batch_size, n, path)
   if labels is not None:
     labels = jnp.asarray(labels, jnp.int32)
-  sums, finite, (low, high) = passes.fisher_program(
+  fisher, summary = passes.fisher_program(
       apply_fn, estimator, num_samples, chosen, plan, n, params, inputs,
       labels, key)
+  if not tree_lib.is_concrete(summary):
+    return fisher  # inside jit or vmap: no values to check
+  summary = np.asarray(jax.device_get(summary))  # the one transfer
   if labels is not None and estimator in ("empirical", "batched"):
-    chunking.check_label_range(low, high, num_classes)
-  denom = n if estimator != "batched" else n
-  fisher = jax.tree.map(lambda a, p: _like(a / denom, p), sums, params)
-  return _checked(fisher, finite, params, inputs)
+    chunking.check_label_range(summary[-2], summary[-1], num_classes)
+  fisher = jax.tree.map(_like, fisher, params)
+  return _checked(fisher, list(summary[:-2]), params, inputs)
 
 
 def _fisher_of_stream(apply_fn, params, data, estimator, key, num_samples,
@@ -297,15 +298,21 @@ def _checked(fisher, finite, params, inputs):
     try:
       tree_lib.check_finite("data inputs", inputs)
     except ValueError as e:
-      raise ValueError(f"{e} Clean the data: the Fisher is non-finite.") from (
-          None)
+      raise ValueError(
+          f"{e} The Fisher is non-finite: Check the data for nan/inf.") from (
+              None)
   try:
     tree_lib.check_finite("the Fisher", fisher)
   except ValueError as e:
     raise ValueError(
-        f"{e} The parameters are finite: check the data for nan/inf and the "
+        f"{e} The parameters are finite. Check the data for nan/inf and the "
         "model's logits (overflow?).") from None
   return fisher
+
+
+def _size(params) -> int:
+  """The number of parameters (static: works on tracers too)."""
+  return sum(int(np.prod(jnp.shape(p))) for p in jax.tree.leaves(params))
 
 
 def _like(value, param):
@@ -317,7 +324,24 @@ def _like(value, param):
   return jax.device_put(value, sharding)
 
 
+_CLASSES: dict = {}  # (apply_fn, shapes) -> number of classes
+_MAX_CLASSES = 64
+
+
 def _num_classes(apply_fn, params, inputs) -> int:
+  key = (apply_fn, jax.tree.structure((params, inputs)),
+         tuple((jnp.shape(a), jnp.result_type(a))
+               for a in jax.tree.leaves(params)),
+         tuple((jnp.shape(a)[1:], jnp.result_type(a))
+               for a in jax.tree.leaves(inputs)))
+  if key not in _CLASSES:
+    if len(_CLASSES) >= _MAX_CLASSES:
+      del _CLASSES[next(iter(_CLASSES))]
+    _CLASSES[key] = _count_classes(apply_fn, params, inputs)
+  return _CLASSES[key]
+
+
+def _count_classes(apply_fn, params, inputs) -> int:
   out = jax.eval_shape(apply_fn, params, inputs)
   if len(out.shape) != 2:
     raise ValueError(
@@ -395,7 +419,7 @@ def empirical_fisher(
   tree_lib.check_floating("params", params)
   if num_examples is not None:
     chunking.positive_int("num_examples", num_examples)
-  per = 8 * sum(np.size(p) for p in jax.tree.leaves(params))
+  per = 8 * _size(params)
   if sharding is None and chunking.is_batch(data):
     n = chunking.leading_size(data, "data")
     n = n if num_examples is None else min(n, num_examples)
@@ -403,11 +427,14 @@ def empirical_fisher(
       raise ValueError(
           "data holds no examples: the Fisher needs at least one.")
     size = _loss_chunk(batch_size, estimator, n, per)
-    sums, finite = passes.loss_program(loss_fn, estimator, size, n, params,
-                                       data)
-    denom = n
+    fisher, summary = passes.loss_program(loss_fn, estimator, size, n,
+                                          params, data)
+    if not tree_lib.is_concrete(summary):
+      return fisher
+    finite = list(np.asarray(jax.device_get(summary))[:-2])
+    inputs = data
   else:
-    acc, denom, size = passes.zeros_f32(params), 0, None
+    acc, denom, size, inputs = passes.zeros_f32(params), 0, None, None
     for batch in chunking.batches(data, "data"):
       size = size or _loss_chunk(batch_size, estimator,
                                  chunking.leading_size(batch, "data"), per)
@@ -425,10 +452,10 @@ def empirical_fisher(
     if denom == 0:
       raise ValueError(
           "data holds no examples: the Fisher needs at least one.")
-    sums, finite = acc, None
-  fisher = jax.tree.map(lambda a, p: _like(a / denom, p), sums, params)
-  return _checked(fisher, passes.finite_flags(fisher) if finite is None
-                  else finite, params, None)
+    fisher = jax.tree.map(lambda a: a / denom, acc)
+    finite = passes.finite_flags(fisher)
+  fisher = jax.tree.map(_like, fisher, params)
+  return _checked(fisher, finite, params, inputs)
 
 
 def _loss_chunk(batch_size, estimator, n, example_bytes):

@@ -8,8 +8,9 @@ of one shape. Both produce the same sums chunk by chunk, in the same order,
 with the same keys (``fold_in(rng, chunk_index)``), so they agree to float32
 rounding.
 
-Every pass returns, beside its sums, a small summary for the checks made
-after it: whether each leaf is finite and the range of the labels used.
+The array program returns, beside the Fisher, one small int32 vector for the
+checks made after it (one transfer): whether each leaf is finite, then the
+range of the labels used.
 """
 
 import functools
@@ -32,10 +33,14 @@ def finite_flags(tree):
   return jax.tree.map(lambda t: jnp.all(jnp.isfinite(t)), tree)
 
 
-def _label_range(labels, n):
+def summary(fisher, labels, n):
+  """``[finite(leaf) for leaf] + [min(labels), max(labels)]`` as int32."""
+  flags = [f.astype(jnp.int32) for f in jax.tree.leaves(finite_flags(fisher))]
   if labels is None:
-    return jnp.zeros([], jnp.int32), jnp.zeros([], jnp.int32)
-  return jnp.min(labels[:n]), jnp.max(labels[:n])
+    low = high = jnp.zeros([], jnp.int32)
+  else:
+    low, high = jnp.min(labels[:n]), jnp.max(labels[:n])
+  return jnp.stack(flags + [low.astype(jnp.int32), high.astype(jnp.int32)])
 
 
 def _loop(chunk_fn, tree, key, n, size, zeros):
@@ -78,8 +83,7 @@ def fisher_program(apply_fn, estimator, num_samples, path, plan, n, params,
   """The whole pass over the first ``n`` rows of arrays, as one program.
 
   Returns:
-    ``(sums, finite, (label_min, label_max))``: the unnormalised sums, one
-    finiteness flag per leaf, and the range of the labels used.
+    ``(fisher, summary)``: the sums divided by ``n``, and :func:`summary`.
   """
   def chunk_fn(chunk, mask, k):
     xs, ys = chunk
@@ -90,7 +94,8 @@ def fisher_program(apply_fn, estimator, num_samples, path, plan, n, params,
 
   sums = _loop(chunk_fn, (inputs, labels), key, n, plan.chunk,
                zeros_f32(params))
-  return sums, finite_flags(sums), _label_range(labels, n)
+  fisher = jax.tree.map(lambda s: s / n, sums)
+  return fisher, summary(fisher, labels, n)
 
 
 @functools.partial(jax.jit, static_argnums=(0, 1, 2, 3, 4),
@@ -129,7 +134,8 @@ def loss_program(loss_fn, estimator, size, n, params, data):
   """``empirical_fisher``'s pass over arrays as one program."""
   sums = _loop(lambda c, m, _: loss_sum(loss_fn, estimator, params, c, m),
                data, jax.random.key(0), n, size, zeros_f32(params))
-  return sums, finite_flags(sums)
+  fisher = jax.tree.map(lambda s: s / n, sums)
+  return fisher, summary(fisher, None, n)
 
 
 @functools.partial(jax.jit, static_argnums=(0, 1), donate_argnums=(2,))
