@@ -1,5 +1,6 @@
 """Diagonal Fisher information from per-example gradients."""
 
+import itertools
 from typing import Any, Callable, Iterable, Optional, Union
 
 import jax
@@ -233,15 +234,18 @@ def _fisher_of_arrays(apply_fn, params, data, estimator, key, num_samples,
 
 def _fisher_of_stream(apply_fn, params, data, estimator, key, num_samples,
                       batch_size, num_examples, path, sharding):
-  acc = passes.zeros_f32(params)
-  count, plan = 0, None
-  for i, (chunk, mask) in enumerate(_stream_chunks(
-      data, batch_size, num_examples, estimator)):
+  batches = chunking.batches(data, "data")
+  first = next(batches, None)
+  if first is None:
+    raise ValueError("data holds no examples: the Fisher needs at least one.")
+  # An automatic chunk is planned for the stream's first batch.
+  num_classes, chosen, plan = _setup(
+      apply_fn, params, _pair(first)[0], estimator, num_samples, batch_size,
+      max(chunking.leading_size(first, "data"), 1), path)
+  acc, count = passes.zeros_f32(params), 0
+  for i, (chunk, mask) in enumerate(chunking.chunks(
+      itertools.chain([first], batches), plan.chunk, num_examples, "data")):
     inputs, labels = _pair(chunk)
-    if plan is None:
-      num_classes, chosen, plan = _setup(
-          apply_fn, params, inputs, estimator, num_samples,
-          mask.shape[0], None, path)
     real = int(mask.sum())
     _check_batch_labels(estimator, labels)
     if labels is not None and estimator in ("empirical", "batched"):
@@ -260,26 +264,6 @@ def _fisher_of_stream(apply_fn, params, data, estimator, key, num_samples,
     raise ValueError("data holds no examples: the Fisher needs at least one.")
   fisher = jax.tree.map(lambda a, p: _like(a / count, p), acc, params)
   return _checked(fisher, passes.finite_flags(fisher), params, None)
-
-
-def _stream_chunks(data, batch_size, num_examples, estimator):
-  """A stream's chunks; an automatic size is its first batch's size."""
-  if batch_size is not None:
-    size = chunking.positive_int("batch_size", batch_size)
-  elif estimator == "batched":
-    size = BATCHED_SIZE
-  else:
-    size = None
-  for batch in chunking.batches(data, "data"):
-    if size is None:  # the stream's own batch, within the backend's plan
-      n = chunking.leading_size(batch, "data")
-      size = chunking.plan_chunks(None, max(n, 1), example_bytes=0).chunk
-      size = min(size, chunking.round_up(max(n, 1), 8))
-    yield from chunking.chunks([batch], size, num_examples, "data")
-    if num_examples is not None:
-      num_examples -= chunking.leading_size(batch, "data")
-      if num_examples <= 0:
-        return
 
 
 def _checked(fisher, finite, params, inputs):
