@@ -261,3 +261,17 @@ def test_default_batch_size_runs_on_any_backend_plan():
   chex.assert_trees_all_close(
       ewc_jax.fisher_diagonal(apply_fn, params, (x, y)), want, rtol=1e-5,
       atol=1e-8)
+
+
+@pytest.mark.parametrize("path", ["fast", "vmap"])
+@pytest.mark.parametrize("estimator", ["exact", "empirical"])
+def test_accelerator_plan_gives_the_same_fisher(monkeypatch, path, estimator):
+  # The GPU/TPU plan (whole-chunk sub-chunks, reductions instead of unrolled
+  # sums), run here on CPU by pretending the backend is a GPU.
+  monkeypatch.setattr(chunking.jax, "default_backend", lambda: "gpu")
+  apply_fn, params = _mlp()
+  x, y = _data(37)
+  got = ewc_jax.fisher_diagonal(apply_fn, params, (x, y), path=path,
+                                estimator=estimator)
+  want = loop_reference(apply_fn, params, x, y, estimator)
+  chex.assert_trees_all_close(got, want, rtol=1e-5, atol=1e-8)

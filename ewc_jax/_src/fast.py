@@ -10,8 +10,8 @@ here a chunk of examples goes through it in three steps:
    and squared output gradients: ``(x^2)^T (delta^2)`` for a dense layer;
 3. the other layers form their per-example gradients alone and square them.
 
-Padding rows are masked with ``jnp.where``, never multiplied away, so a
-non-finite value in a padded row cannot reach the sum.
+Padding rows are copies of a real example (never zeros, which a model such
+as ``x / ||x||`` cannot take) and their weights are zeroed with ``where``.
 """
 
 from typing import Optional
@@ -76,7 +76,7 @@ def layer_signals(plan, leaves, estimator, num_samples, inputs, labels, keys,
   Returns:
     ``(acts, deltas, w)``: ``acts[j]`` layer ``j``'s recorded inputs
     ``[B, ...]``, ``deltas[j]`` its output gradients ``[B, K, ...]``, ``w``
-    the cotangent weights ``[B, K]``; padding rows are zero.
+    the cotangent weights ``[B, K]``, zero (by ``where``) for padding.
   """
   zero_perts = [[jnp.zeros(a.shape, a.dtype) for a in layer.out_avals]
                 for layer in plan.layers]
@@ -97,8 +97,9 @@ def layer_signals(plan, leaves, estimator, num_samples, inputs, labels, keys,
     return acts, deltas, w
 
   acts, deltas, w = jax.vmap(per_example)(inputs, labels, keys)
-  where = lambda t: jax.tree.map(lambda a: _where_rows(mask, a), t)  # noqa
-  return where(acts), where(deltas), _where_rows(mask, w)
+  # Padding rows copy a real example, so their signals are finite whenever
+  # the real ones are, and a zero weight removes them exactly.
+  return acts, deltas, _where_rows(mask, w)
 
 
 def _identity_sums(plan, f32_leaves, acts, deltas, w):

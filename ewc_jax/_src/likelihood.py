@@ -59,12 +59,16 @@ def _one(x):
 
 
 def _masked_sum(w, g, mask, unroll):
-  """``sum_e mask_e w_e g_e^2`` in float32, masked with ``where``."""
-  sq = lambda e: jnp.where(mask[e], w[e] * jnp.square(  # noqa: E731
-      g[e].astype(jnp.float32)), 0.0)
-  if unroll:  # XLA:CPU fuses an unrolled sum; a strided reduction is slow
-    return sum(sq(e) for e in range(g.shape[0]))
+  """``sum_e mask_e w_e g_e^2`` in float32, masked with ``where``.
+
+  Padding rows are copies of a real example, so their squares are finite
+  whenever the real ones are: zeroing their weights is then exact. The
+  unrolled form (XLA:CPU) does only that; the reduction also zeroes them.
+  """
   w = jnp.where(mask, w, 0.0).astype(jnp.float32)
+  if unroll:  # XLA:CPU fuses an unrolled sum; a strided reduction is slow
+    return sum(w[e] * jnp.square(g[e].astype(jnp.float32))
+               for e in range(g.shape[0]))
   g = jnp.where(mask.reshape((-1,) + (1,) * (g.ndim - 1)), g, 0)
   return jnp.einsum("b,b...->...", w, jnp.square(g.astype(jnp.float32)))
 
