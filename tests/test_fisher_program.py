@@ -275,3 +275,10 @@ def test_accelerator_plan_gives_the_same_fisher(monkeypatch, path, estimator):
                                 estimator=estimator)
   want = loop_reference(apply_fn, params, x, y, estimator)
   chex.assert_trees_all_close(got, want, rtol=1e-5, atol=1e-8)
+
+
+def test_fewer_examples_than_one_chunk():
+  apply_fn, params, x, y = linear_softmax()
+  for n in (1, 3):
+    got = ewc_jax.fisher_diagonal(apply_fn, params, (x[:n], y[:n]))
+    chex.assert_trees_all_close(got, closed_form(params, x[:n]), rtol=1e-5)

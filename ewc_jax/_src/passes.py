@@ -54,7 +54,7 @@ def _loop(chunk_fn, tree, key, n, size, zeros):
         lambda x: jax.lax.dynamic_slice_in_dim(x, i * size, size), tree)
     return add(i, acc, chunk, jnp.ones([size], bool))
 
-  acc = jax.lax.fori_loop(0, n // size, full, zeros)
+  acc = jax.lax.fori_loop(0, n // size, full, zeros) if n >= size else zeros
   if n % size:  # the last, partial chunk: padded with row 0, masked
     last = n // size
     acc = add(last, acc, *chunking.chunk_at(tree, last, size, n))
