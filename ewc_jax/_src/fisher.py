@@ -7,6 +7,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
+from ewc_jax._src import checks
 from ewc_jax._src import chunking
 from ewc_jax._src import fast
 from ewc_jax._src import likelihood
@@ -190,7 +191,7 @@ def _check_batch_labels(estimator, labels):
 def _setup(apply_fn, params, inputs, estimator, num_samples, batch_size,
            num_examples, path):
   """The number of classes, the path and the chunk plan for this model."""
-  num_classes = _num_classes(apply_fn, params, inputs)
+  num_classes = checks.num_classes(apply_fn, params, inputs)
   chosen = _choose_path(path, apply_fn, params, inputs)
   if estimator == "batched":
     size = BATCHED_SIZE if batch_size is None else batch_size
@@ -202,7 +203,7 @@ def _setup(apply_fn, params, inputs, estimator, num_samples, batch_size,
     example = jax.ShapeDtypeStruct(inputs.shape[1:], inputs.dtype)
     per = fast.example_bytes(apply_fn, params, example, k)
   else:
-    per = 4 * _size(params) * (2 + (k > 1))
+    per = 4 * checks.num_params(params) * (2 + (k > 1))
   return num_classes, chosen, chunking.plan_chunks(
       batch_size, num_examples, example_bytes=per)
 
@@ -228,8 +229,8 @@ def _fisher_of_arrays(apply_fn, params, data, estimator, key, num_samples,
   summary = np.asarray(jax.device_get(summary))  # the one transfer
   if labels is not None and estimator in ("empirical", "batched"):
     chunking.check_label_range(summary[-2], summary[-1], num_classes)
-  fisher = jax.tree.map(_like, fisher, params)
-  return _checked(fisher, list(summary[:-2]), params, inputs)
+  fisher = jax.tree.map(checks.like, fisher, params)
+  return checks.checked(fisher, list(summary[:-2]), params, inputs)
 
 
 def _fisher_of_stream(apply_fn, params, data, estimator, key, num_samples,
@@ -262,76 +263,8 @@ def _fisher_of_stream(apply_fn, params, data, estimator, key, num_samples,
     count += real
   if count == 0:
     raise ValueError("data holds no examples: the Fisher needs at least one.")
-  fisher = jax.tree.map(lambda a, p: _like(a / count, p), acc, params)
-  return _checked(fisher, passes.finite_flags(fisher), params, None)
-
-
-def _checked(fisher, finite, params, inputs):
-  """The Fisher, or an error blaming the parameters, the data or the model."""
-  flags = jax.tree.leaves(finite)
-  if not all(tree_lib.is_concrete(f) for f in flags) or all(
-      bool(f) for f in jax.device_get(flags)):
-    return fisher
-  try:
-    tree_lib.check_finite("params", params)
-  except ValueError as e:
-    raise ValueError(
-        f"{e} The Fisher is taken at these parameters and is non-finite "
-        "too: fix the parameters (a diverged run?) first.") from None
-  if inputs is not None:
-    try:
-      tree_lib.check_finite("data inputs", inputs)
-    except ValueError as e:
-      raise ValueError(
-          f"{e} The Fisher is non-finite: Check the data for nan/inf.") from (
-              None)
-  try:
-    tree_lib.check_finite("the Fisher", fisher)
-  except ValueError as e:
-    raise ValueError(
-        f"{e} The parameters are finite. Check the data for nan/inf and the "
-        "model's logits (overflow?).") from None
-  return fisher
-
-
-def _size(params) -> int:
-  """The number of parameters (static: works on tracers too)."""
-  return sum(int(np.prod(jnp.shape(p))) for p in jax.tree.leaves(params))
-
-
-def _like(value, param):
-  """`value` placed with `param`'s sharding (XLA may have chosen another)."""
-  sharding = getattr(param, "sharding", None)
-  if sharding is None or not isinstance(param, jax.Array) or (
-      value.sharding.is_equivalent_to(sharding, param.ndim)):
-    return value
-  return jax.device_put(value, sharding)
-
-
-_CLASSES: dict = {}  # (apply_fn, shapes) -> number of classes
-_MAX_CLASSES = 64
-
-
-def _num_classes(apply_fn, params, inputs) -> int:
-  key = (apply_fn, jax.tree.structure((params, inputs)),
-         tuple((jnp.shape(a), jnp.result_type(a))
-               for a in jax.tree.leaves(params)),
-         tuple((jnp.shape(a)[1:], jnp.result_type(a))
-               for a in jax.tree.leaves(inputs)))
-  if key not in _CLASSES:
-    if len(_CLASSES) >= _MAX_CLASSES:
-      del _CLASSES[next(iter(_CLASSES))]
-    _CLASSES[key] = _count_classes(apply_fn, params, inputs)
-  return _CLASSES[key]
-
-
-def _count_classes(apply_fn, params, inputs) -> int:
-  out = jax.eval_shape(apply_fn, params, inputs)
-  if len(out.shape) != 2:
-    raise ValueError(
-        "apply_fn(params, inputs) must return logits of shape [batch, "
-        f"classes]; got shape {out.shape}.")
-  return out.shape[1]
+  fisher = jax.tree.map(lambda a, p: checks.like(a / count, p), acc, params)
+  return checks.checked(fisher, passes.finite_flags(fisher), params, None)
 
 
 def _choose_path(path, apply_fn, params, inputs) -> str:
@@ -403,7 +336,7 @@ def empirical_fisher(
   tree_lib.check_floating("params", params)
   if num_examples is not None:
     chunking.positive_int("num_examples", num_examples)
-  per = 8 * _size(params)
+  per = 8 * checks.num_params(params)
   if sharding is None and chunking.is_batch(data):
     n = chunking.leading_size(data, "data")
     n = n if num_examples is None else min(n, num_examples)
@@ -438,8 +371,8 @@ def empirical_fisher(
           "data holds no examples: the Fisher needs at least one.")
     fisher = jax.tree.map(lambda a: a / denom, acc)
     finite = passes.finite_flags(fisher)
-  fisher = jax.tree.map(_like, fisher, params)
-  return _checked(fisher, finite, params, inputs)
+  fisher = jax.tree.map(checks.like, fisher, params)
+  return checks.checked(fisher, finite, params, inputs)
 
 
 def _loss_chunk(batch_size, estimator, n, example_bytes):
