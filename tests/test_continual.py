@@ -147,6 +147,29 @@ def test_lambda_sweep_compiles_once(lm):
       loss_fn, params, b, eval_every=CHUNK, **kw, lam=7.0)) == 0
 
 
+def test_batched_is_squared_batch_mean_gradient():
+  loss_fn = lambda p, z: jnp.mean((jnp.tanh(z[:3] @ p["w"]) + p["b"] - z[3])
+                                  ** 2)
+  params = {"w": jnp.array([[0.3, -0.2], [0.1, 0.5], [-0.4, 0.2]]),
+            "b": jnp.array([0.1, -0.3])}
+  data = jax.random.normal(jax.random.key(1), (10, 4))
+  got = ewc_jax.empirical_fisher(loss_fn, params, data,
+                                 estimator="batched", batch_size=4)
+  squares = []
+  for batch in (data[0:4], data[4:8], data[8:10]):  # the last one is short
+    g = jax.grad(lambda p, batch=batch: jnp.mean(
+        jax.vmap(loss_fn, in_axes=(None, 0))(p, batch)))(params)
+    # Weighted by batch size: the short batch counts for what it holds.
+    squares.append(jax.tree.map(lambda gi, n=len(batch): n * gi ** 2 / 10, g))
+  want = jax.tree.map(lambda *s: sum(s), *squares)
+  chex.assert_trees_all_close(got, want, rtol=1e-5)
+  per_example = [jax.tree.map(jnp.square, jax.grad(loss_fn)(params, z))
+                 for z in data]
+  emp = ewc_jax.empirical_fisher(loss_fn, params, data, batch_size=4)
+  chex.assert_trees_all_close(
+      emp, jax.tree.map(lambda *s: sum(s) / len(s), *per_example), rtol=1e-5)
+
+
 def test_bfloat16_params_give_float32_importance():
   loss_fn = lambda p, z: jnp.mean(jnp.square(z @ p["w"] - 1.0))
   params = {"w": jnp.linspace(-1, 1, 12, dtype=jnp.bfloat16).reshape(4, 3)}
