@@ -14,7 +14,7 @@ import numpy as np
 from flax import nnx
 
 import ewc_jax
-from experiments import files
+from experiments.common import files
 
 HIDDEN = 1000
 GRAD_CHUNK = 1000  # the batched-gradient baseline's chunk (issue 10)
