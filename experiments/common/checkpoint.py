@@ -16,6 +16,12 @@ Writes are atomic: orbax writes a step into ``<step>.orbax-checkpoint-tmp``
 and renames it once complete, and deletes the previous step only after that.
 A process killed mid-write leaves the previous checkpoint intact; the
 half-written directory is removed when the run is resumed.
+
+Damage. Files can still be truncated, overwritten or deleted later. Reading
+a damaged checkpoint raises :class:`CheckpointDamaged` (one line, never an
+orbax traceback), so that a caller can fall back to an older step; keep two
+(``max_to_keep=2``) to have one. A failed write (a full disk, a read-only
+directory) raises :class:`CheckpointWriteError`, an ``OSError``.
 """
 
 import pathlib
@@ -27,6 +33,20 @@ import orbax.checkpoint as ocp
 
 # The layout of ``meta``; bump on incompatible changes.
 FORMAT = 1
+
+
+class CheckpointDamaged(Exception):
+  """A checkpoint step whose files cannot be read (one-line message)."""
+
+
+class CheckpointWriteError(OSError):
+  """A checkpoint that could not be written (disk full, read-only, ...)."""
+
+
+def _brief(error: BaseException) -> str:
+  """The first line of an error, with its type: orbax's run to pages."""
+  lines = str(error).strip().splitlines()
+  return f"{type(error).__name__}: {lines[0][:200] if lines else ''}"
 
 
 def run_name(method: str, lam: float, seed: int) -> str:
@@ -85,6 +105,14 @@ class RunCheckpoints:
     """The step of the newest complete checkpoint, or ``None``."""
     return self._manager.latest_step()
 
+  def all_steps(self) -> list[int]:
+    """The steps of every complete checkpoint, newest first."""
+    return sorted(self._manager.all_steps(), reverse=True)
+
+  def delete(self, step: int) -> None:
+    """Removes one step (e.g. a damaged one that a run falls back from)."""
+    self._manager.delete(step)
+
   def save(self, step: int, arrays: dict[str, np.ndarray],
            meta: dict[str, Any]) -> None:
     """Writes a checkpoint (in the background when asynchronous).
@@ -94,21 +122,28 @@ class RunCheckpoints:
       arrays: host arrays, from :func:`flatten`.
       meta: JSON-ready values.
     """
-    saved = self._manager.save(
-        step, args=ocp.args.Composite(
-            state=ocp.args.StandardSave(arrays),
-            meta=ocp.args.JsonSave({"format": FORMAT, **meta})),
-        force=True)
+    try:
+      saved = self._manager.save(
+          step, args=ocp.args.Composite(
+              state=ocp.args.StandardSave(arrays),
+              meta=ocp.args.JsonSave({"format": FORMAT, **meta})),
+          force=True)
+    except Exception as e:  # noqa: BLE001 (orbax/tensorstore raise many)
+      raise CheckpointWriteError(
+          f"cannot write checkpoint step {step} in {self.directory} "
+          f"({_brief(e)})") from None
     if not saved:
       raise RuntimeError(
           f"orbax skipped checkpoint step {step} in {self.directory}.")
 
-  def restore(self, like: Any) -> tuple[Any, dict[str, Any]]:
-    """Reads the latest checkpoint into a tree shaped like ``like``.
+  def restore(self, like: Any, step: Optional[int] = None
+              ) -> tuple[Any, dict[str, Any]]:
+    """Reads a checkpoint into a tree shaped like ``like``.
 
     Args:
       like: a pytree of arrays with the structure, shapes and dtypes of the
         saved one (e.g. a freshly initialised state).
+      step: the step to read (default: the latest).
 
     Returns:
       ``(tree, meta)``: the saved arrays (as ``jax.Array``) in ``like``'s
@@ -116,15 +151,18 @@ class RunCheckpoints:
 
     Raises:
       FileNotFoundError: there is no complete checkpoint.
+      CheckpointDamaged: the step's files cannot be read.
       ValueError: the checkpoint holds other arrays than ``like`` (another
         model or optimiser), naming the first difference.
     """
-    self._manager.wait_until_finished()
-    step = self._manager.latest_step()
+    self.wait()
+    step = self._manager.latest_step() if step is None else step
     if step is None:
       raise FileNotFoundError(f"no checkpoint in {self.directory}.")
-    meta = self._manager.restore(
-        step, args=ocp.args.Composite(meta=ocp.args.JsonRestore()))["meta"]
+    meta = self._read(step, meta=ocp.args.JsonRestore())["meta"]
+    if not isinstance(meta, dict) or not isinstance(meta.get("paths"), list):
+      raise CheckpointDamaged(
+          f"checkpoint {self.directory}/{step}: its metadata is damaged.")
     if meta.get("format") != FORMAT:
       raise ValueError(
           f"checkpoint {self.directory}/{step} has format "
@@ -138,9 +176,7 @@ class RunCheckpoints:
     # numpy targets: orbax restores host arrays, placed on the device below.
     target = {f"{i:04d}": np.empty(np.shape(leaf), _dtype(leaf))
               for i, (_, leaf) in enumerate(leaves)}
-    arrays = self._manager.restore(
-        step, args=ocp.args.Composite(
-            state=ocp.args.StandardRestore(target)))["state"]
+    arrays = self._read(step, state=ocp.args.StandardRestore(target))["state"]
     for i, path in enumerate(paths):
       got, want = arrays[f"{i:04d}"], target[f"{i:04d}"]
       if got.shape != want.shape or got.dtype != want.dtype:
@@ -153,13 +189,40 @@ class RunCheckpoints:
                   for i in range(len(paths))])
     return tree, meta
 
+  def _read(self, step: int, **items: Any) -> Any:
+    """orbax's restore of ``items``; any failure is one-line damage."""
+    try:
+      return self._manager.restore(step, args=ocp.args.Composite(**items))
+    except Exception as e:  # noqa: BLE001 (orbax/tensorstore raise many)
+      raise CheckpointDamaged(
+          f"checkpoint {self.directory}/{step} is damaged or incomplete "
+          f"({_brief(e)})") from None
+
   def wait(self) -> None:
-    """Blocks until a background write has finished."""
-    self._manager.wait_until_finished()
+    """Blocks until a background write has finished.
+
+    Raises:
+      CheckpointWriteError: the write failed.
+    """
+    try:
+      self._manager.wait_until_finished()
+    except Exception as e:  # noqa: BLE001
+      raise CheckpointWriteError(
+          f"cannot write a checkpoint in {self.directory} ({_brief(e)})"
+      ) from None
 
   def close(self) -> None:
-    """Finishes pending writes and releases orbax's threads."""
-    self._manager.close()
+    """Finishes pending writes and releases orbax's threads.
+
+    Raises:
+      CheckpointWriteError: a pending write failed.
+    """
+    try:
+      self._manager.close()
+    except Exception as e:  # noqa: BLE001
+      raise CheckpointWriteError(
+          f"cannot write a checkpoint in {self.directory} ({_brief(e)})"
+      ) from None
 
 
 def _dtype(x: Any) -> np.dtype:

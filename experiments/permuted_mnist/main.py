@@ -37,7 +37,10 @@ from typing import Annotated, Any, Optional, Sequence
 
 import tyro
 
+from experiments import data as data_lib
 from experiments.common import cli
+from experiments.permuted_mnist import budget
+from experiments.permuted_mnist import checkpointing
 from experiments.permuted_mnist import config as config_lib
 from experiments.permuted_mnist import experiment
 from experiments.permuted_mnist import loop
@@ -167,7 +170,13 @@ def parse(argv: Sequence[str]) -> tuple[Flags, config_lib.Config]:
 
 
 def _workdir(flags: Flags, config: config_lib.Config) -> Any:
-  """The run directory, checked (resume) or prepared (a new run)."""
+  """The run directory, checked; a default one is created (uniquely).
+
+  Nothing is written before the data source is checked (a bad
+  ``--data-dir`` leaves no empty run directory behind); the run itself
+  (:func:`experiment.train_and_evaluate`) prepares the directory under its
+  lock.
+  """
   if flags.resume:
     if flags.out or flags.overwrite:
       raise ValueError(
@@ -176,12 +185,15 @@ def _workdir(flags: Flags, config: config_lib.Config) -> Any:
       raise ValueError("--vmap runs are not checkpointed: --resume cannot "
                        "continue them.")
     workdir_lib.check_resume(flags.resume, config)
+    data_lib.check_source(config.dataset, config.data_dir)
     return flags.resume
   if flags.data_seed is not None and not flags.vmap:
     raise ValueError("--data-seed needs --vmap.")
-  workdir = flags.out or workdir_lib.default_workdir(config)
-  workdir_lib.prepare_workdir(workdir, flags.overwrite)
-  return workdir
+  data_lib.check_source(config.dataset, config.data_dir)
+  if flags.out is None:
+    return workdir_lib.default_workdir(config)
+  workdir_lib.check_workdir(flags.out, flags.overwrite)
+  return flags.out
 
 
 def main(argv: Optional[Sequence[str]] = None, *,
@@ -200,17 +212,29 @@ def main(argv: Optional[Sequence[str]] = None, *,
   try:
     flags, config = parse(argv)
     workdir = _workdir(flags, config)
-  except (ValueError, FileExistsError, FileNotFoundError) as e:
-    print(f"{PROG}: error: {e}", file=sys.stderr)
+  except (ValueError, OSError) as e:  # DataError is a ValueError
+    print(f"{PROG}: error: {_one_line(e)}", file=sys.stderr)
     raise SystemExit(2) from None
   with cli.logging_to_stdout(quiet=flags.quiet, verbose=flags.verbose):
     return _run(flags, config, workdir, on_chunk)
 
 
+# Errors of the run that are the user's to fix (data, directory, memory,
+# divergence, checkpoints, disk): one line on stderr, never a traceback.
+RUN_ERRORS = (stream_lib.DataError, data_lib.DataError, loop.TrainingDiverged,
+              workdir_lib.RunDirError, checkpointing.CheckpointError,
+              budget.MemoryBudgetError, FileExistsError)
+
+
+def _one_line(error: BaseException) -> str:
+  return " ".join(str(error).split())
+
+
 def _run(flags: Flags, config: config_lib.Config, workdir: Any,
          on_chunk: Optional[loop.ChunkHook]) -> int:
-  """Runs the experiment; 1 with a message on stderr for bad data or a
-  diverged run."""
+  """Runs the experiment; 1 with one line on stderr for a run that cannot
+  go on (bad data, a diverged run, a busy or full run directory), 130 when
+  interrupted (Ctrl-C)."""
   # Said first, so that a run killed midway knows where to resume from.
   logger.info("run directory: %s (continue an interrupted run with "
               "--resume %s)", workdir, workdir)
@@ -219,8 +243,18 @@ def _run(flags: Flags, config: config_lib.Config, workdir: Any,
         config, workdir, overwrite=flags.overwrite,
         resume=bool(flags.resume), vmap=flags.vmap,
         data_seed=flags.data_seed, on_chunk=on_chunk)
-  except (stream_lib.DataError, loop.TrainingDiverged) as e:
-    print(f"error: {e}", file=sys.stderr)
+  except RUN_ERRORS as e:
+    print(f"error: {_one_line(e)}", file=sys.stderr)
     return 1
+  except OSError as e:  # a full disk, a read-only or vanished directory
+    print(f"error: cannot write the run's files in {workdir}: "
+          f"{_one_line(e)}", file=sys.stderr)
+    return 1
+  except KeyboardInterrupt:
+    again = ("--vmap runs are not checkpointed: start it again" if flags.vmap
+             else f"continue it with: {PROG} --resume {workdir}")
+    print(f"interrupted; finished runs are in {workdir}; {again}",
+          file=sys.stderr)
+    return 130
   logger.info("results in %s", summary["workdir"])
   return 0
