@@ -24,8 +24,10 @@ orbax traceback), so that a caller can fall back to an older step; keep two
 directory) raises :class:`CheckpointWriteError`, an ``OSError``.
 """
 
+import contextlib
+import logging
 import pathlib
-from typing import Any, Optional
+from typing import Any, Iterator, Optional
 
 import jax
 import numpy as np
@@ -41,6 +43,19 @@ class CheckpointDamaged(Exception):
 
 class CheckpointWriteError(OSError):
   """A checkpoint that could not be written (disk full, read-only, ...)."""
+
+
+@contextlib.contextmanager
+def quiet_orbax() -> Iterator[None]:
+  """Mutes orbax's own error logs (absl): a damaged file is reported once,
+  in our words."""
+  absl = logging.getLogger("absl")
+  level = absl.level
+  absl.setLevel(logging.CRITICAL)
+  try:
+    yield
+  finally:
+    absl.setLevel(level)
 
 
 def _brief(error: BaseException) -> str:
@@ -93,13 +108,14 @@ class RunCheckpoints:
         while they are written.
     """
     self.directory = pathlib.Path(directory).absolute()
-    self._manager = ocp.CheckpointManager(
-        self.directory,
-        options=ocp.CheckpointManagerOptions(
-            max_to_keep=max_to_keep, create=True,
-            cleanup_tmp_directories=True,
-            enable_async_checkpointing=asynchronous),
-        item_names=("state", "meta"))
+    with quiet_orbax():  # it reads every step's metadata, damaged or not
+      self._manager = ocp.CheckpointManager(
+          self.directory,
+          options=ocp.CheckpointManagerOptions(
+              max_to_keep=max_to_keep, create=True,
+              cleanup_tmp_directories=True,
+              enable_async_checkpointing=asynchronous),
+          item_names=("state", "meta"))
 
   def latest_step(self) -> Optional[int]:
     """The step of the newest complete checkpoint, or ``None``."""
@@ -107,11 +123,13 @@ class RunCheckpoints:
 
   def all_steps(self) -> list[int]:
     """The steps of every complete checkpoint, newest first."""
-    return sorted(self._manager.all_steps(), reverse=True)
+    with quiet_orbax():
+      return sorted(self._manager.all_steps(), reverse=True)
 
   def delete(self, step: int) -> None:
     """Removes one step (e.g. a damaged one that a run falls back from)."""
-    self._manager.delete(step)
+    with quiet_orbax():
+      self._manager.delete(step)
 
   def save(self, step: int, arrays: dict[str, np.ndarray],
            meta: dict[str, Any]) -> None:
@@ -192,7 +210,8 @@ class RunCheckpoints:
   def _read(self, step: int, **items: Any) -> Any:
     """orbax's restore of ``items``; any failure is one-line damage."""
     try:
-      return self._manager.restore(step, args=ocp.args.Composite(**items))
+      with quiet_orbax():
+        return self._manager.restore(step, args=ocp.args.Composite(**items))
     except Exception as e:  # noqa: BLE001 (orbax/tensorstore raise many)
       raise CheckpointDamaged(
           f"checkpoint {self.directory}/{step} is damaged or incomplete "

@@ -17,6 +17,13 @@ each chunk's loss is read back while the next one runs, and checked for nan
 or inf there (at the latest before a checkpoint), so the host never stalls
 the device between chunks.
 
+Divergence. A run also stops, before it overflows to nan, when a chunk's
+mean training loss blows up (:func:`blew_up`): above ``BLOWUP x`` the
+chance-level cross-entropy ``ln C``, or above ``BLOWUP x`` the phase's
+first chunk and ``10 ln C``. A learning run never gets there (its loss
+starts near ``ln C`` and falls); the check only reads the losses, so it
+never changes a result.
+
 Time per phase (compile, train, fisher, eval, checkpoint) is measured with
 :class:`experiments.common.timing.PhaseTimer` and returned with the results.
 """
@@ -44,6 +51,26 @@ TrainingDiverged = checkpointing.TrainingDiverged
 # on_chunk(steps): called after every chunk with the steps it ran (a test
 # hook: a crash injected there is a crash between two chunks).
 ChunkHook = Callable[[int], None]
+# A chunk's mean loss this many times its reference means divergence.
+BLOWUP = 100.0
+
+
+def blew_up(loss: float, first: Optional[float], num_classes: int) -> bool:
+  """Whether a chunk's mean cross-entropy ``loss`` shows divergence.
+
+  Args:
+    loss: the chunk's mean training loss.
+    first: the phase's first chunk's mean loss (``None`` for that chunk).
+    num_classes: the outputs ``C``; ``ln C`` is the loss at chance.
+
+  Returns:
+    ``loss > BLOWUP ln C``, or ``loss > BLOWUP first`` and ``loss > 10 ln
+    C``.
+  """
+  chance = np.log(max(num_classes, 2))
+  if loss > BLOWUP * chance:
+    return True
+  return first is not None and loss > BLOWUP * first and loss > 10 * chance
 
 
 @dataclasses.dataclass
@@ -98,6 +125,7 @@ class _Run:
         config, method, stream_lib.num_outputs(stream.tasks), points,
         batched)
     self.key = self.ops.keys(points)
+    self.num_classes = stream_lib.num_outputs(stream.tasks)
     lam, seed = points[0]
     self.label = (f"{method.name} x{len(points)} (vmap)" if batched else
                   f"{method.name}" + (f" lam={lam:g}" if method.lam_field
@@ -174,6 +202,19 @@ class _Run:
         raise TrainingDiverged(
             f"{self.desc(t)}: {what} {where}; training stopped. Lower the "
             "learning rate or lambda, or check the data.")
+      blown = [k for k, value in enumerate(loss) if blew_up(
+          value, losses[k][0] if losses[k] else None, self.num_classes)]
+      if blown:
+        k = blown[0]
+        who = "" if not self.ops.batched else (
+            f" of member(s) (lam, seed) {[self.points[i] for i in blown]}")
+        start = (f"{losses[k][0]:.3g} at the task's start, "
+                 if losses[k] else "")
+        raise TrainingDiverged(
+            f"{self.desc(t)}: the training loss{who} diverged to "
+            f"{loss[k]:.3g} ({start}{np.log(self.num_classes):.3g} at "
+            f"chance) within steps {a + 1}-{b} of {self.totals[t]}; training "
+            "stopped before it overflows. Lower the learning rate or lambda.")
       for k, value in enumerate(loss):
         losses[k].append(float(value))
 
