@@ -217,10 +217,7 @@ def train_and_evaluate(config: config_lib.Config, workdir: Any, *,
     raise ValueError("resume and overwrite exclude each other.")
   workdir, dataset = _before_workdir(config, workdir, overwrite, resume,
                                      dataset, vmap, data_seed)
-  precision = (contextlib.nullcontext() if config.matmul_precision
-               == "default" else jax.default_matmul_precision(
-                   config.matmul_precision))
-  with workdir_lib.locked(workdir), precision:
+  with workdir_lib.locked(workdir):
     info, done = _open(config, workdir, overwrite, resume, dataset,
                        {"data_seed": data_seed} if vmap else None)
     return _train(config, workdir, dataset, info, done, vmap, data_seed,

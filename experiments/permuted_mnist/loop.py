@@ -28,6 +28,7 @@ Time per phase (compile, train, fisher, eval, checkpoint) is measured with
 :class:`experiments.common.timing.PhaseTimer` and returned with the results.
 """
 
+import contextlib
 import dataclasses
 import logging
 import time
@@ -334,8 +335,11 @@ def run(config: config_lib.Config, stream: stream_lib.Stream, method: str,
 
   Raises:
     TrainingDiverged: the training loss became nan or inf.
-    ValueError: an unknown method, several points without ``batched``, or
-      a checkpoint of another run or config in ``checkpoint_dir``.
+    ValueError: an unknown method, or several points without ``batched``.
+    checkpointing.CheckpointError: a checkpoint of another run or config in
+      ``checkpoint_dir``, or none left undamaged.
+
+  Every matmul runs at ``config.matmul_precision``.
   """
   spec = methods_lib.get(method)
   points = [(float(lam), int(seed)) for lam, seed in points]
@@ -344,19 +348,28 @@ def run(config: config_lib.Config, stream: stream_lib.Stream, method: str,
         f"points must hold one (lam, seed) (several with batched=True); got "
         f"{points}.")
   progress = config.progress if progress is None else progress
-  runner = _Run(config, stream, spec, points, batched, progress, on_chunk)
-  if checkpoint_dir is not None:
-    runner.ckpt = checkpointing.RunCheckpointer(
-        checkpoint_dir, config, method, points,
-        points[0][1] if data_seed is None else data_seed, runner.totals,
-        runner.desc)
-  try:
-    runner.start()
-    runner.train()
-  finally:
-    if runner.ckpt is not None:
-      runner.ckpt.close()
-  return runner.output()
+  with matmul_precision(config):
+    runner = _Run(config, stream, spec, points, batched, progress, on_chunk)
+    if checkpoint_dir is not None:
+      runner.ckpt = checkpointing.RunCheckpointer(
+          checkpoint_dir, config, method, points,
+          points[0][1] if data_seed is None else data_seed, runner.totals,
+          runner.desc)
+    try:
+      runner.start()
+      runner.train()
+    finally:
+      if runner.ckpt is not None:
+        runner.ckpt.close()
+    return runner.output()
+
+
+def matmul_precision(config: config_lib.Config) -> Any:
+  """``jax.default_matmul_precision`` of ``config.matmul_precision`` (a
+  no-op for ``default``); see docs/scaling.md for why it matters on GPUs."""
+  if config.matmul_precision == "default":
+    return contextlib.nullcontext()
+  return jax.default_matmul_precision(config.matmul_precision)
 
 
 def run_method(config: config_lib.Config, stream: stream_lib.Stream,
