@@ -10,6 +10,10 @@ import errno
 import json
 import logging
 import os
+import pathlib
+import re
+import subprocess
+import sys
 
 import jax
 import numpy as np
@@ -27,6 +31,8 @@ from experiments.permuted_mnist import ops
 from experiments.permuted_mnist import results as results_lib
 from experiments.permuted_mnist import workdir as workdir_lib
 from tests import tiny
+
+REPO = pathlib.Path(__file__).resolve().parents[1]
 
 # The CLI on the tiny synthetic setup: 2 tasks of 1 epoch, finetune and ewc.
 FLAGS = ["--dataset", "synthetic", "--num-tasks", "2", "--epochs", "1",
@@ -371,3 +377,41 @@ def test_matmul_precision_highest_leaves_cpu_results_unchanged(tmp_path):
   highest = _run(config.replace(matmul_precision="highest"), tmp_path / "b")
   np.testing.assert_array_equal(default["results"][0].R,
                                 highest["results"][0].R)
+
+
+def test_two_processes_on_one_out(tmp_path):
+  # Started together: one runs to the end, the other is refused in one line
+  # (the lock, or "not empty" if the first has written already).
+  env = {**os.environ, "JAX_PLATFORMS": "cpu"}
+  out = tmp_path / "run"
+  args = [sys.executable, "-m", "experiments.permuted_mnist", *FLAGS,
+          "--methods", "finetune", "--out", str(out)]
+  procs = [subprocess.Popen(args, cwd=REPO, env=env, stdout=subprocess.PIPE,
+                            stderr=subprocess.PIPE, text=True)
+           for _ in range(2)]
+  try:
+    ends = [p.communicate(timeout=300) for p in procs]
+  finally:
+    for p in procs:
+      p.kill()
+  codes = sorted(p.returncode for p in procs)
+  assert codes[0] == 0 and codes[1] in (1, 2), ends
+  err = next(e for p, (_, e) in zip(procs, ends) if p.returncode)
+  assert "Traceback" not in err
+  assert re.search(r"is in use by another process|is not empty", err), err
+  rows = json.loads((out / "runs.json").read_text())
+  assert [r["method"] for r in rows] == ["finetune"]
+
+
+def test_a_checkpoint_write_that_fails_in_orbax_is_one_line(
+    tmp_path, monkeypatch, capsys):
+  def full(self, *args, **kwargs):
+    raise ValueError("RESOURCE_EXHAUSTED: No space left on device\n" * 50)
+
+  monkeypatch.setattr(checkpoint_lib.ocp.CheckpointManager, "save", full)
+  status = permuted_mnist.main([*FLAGS, "--methods", "ewc", "--out",
+                                str(tmp_path / "run")])
+  assert status == 1
+  err = _one_line_error(capsys)
+  assert "cannot write checkpoint step" in err
+  assert "RESOURCE_EXHAUSTED: No space left on device" in err

@@ -358,9 +358,15 @@ def run(config: config_lib.Config, stream: stream_lib.Stream, method: str,
     try:
       runner.start()
       runner.train()
-    finally:
+    except BaseException:
+      # Ctrl-C or an error: finish pending writes quietly; the error that
+      # stopped the run is the one to report.
       if runner.ckpt is not None:
-        runner.ckpt.close()
+        with contextlib.suppress(Exception):
+          runner.ckpt.close()
+      raise
+    if runner.ckpt is not None:
+      runner.ckpt.close()
     return runner.output()
 
 

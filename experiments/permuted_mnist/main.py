@@ -20,9 +20,11 @@ list, used by every regularised method in the run (``ewc``, ``online_ewc``,
 ``--lam ewc=100,1000 --lam si=0.5,1``. The value with the best validation
 accuracy (held out from the training data) is reported.
 
-Every run is checkpointed (after each task, and every ``--checkpoint-every``
-steps if set). ``--resume RUN_DIR`` continues an interrupted experiment with the
-config saved in RUN_DIR; flags given with it must agree with that config
+One process per run directory (a second one is refused). Every run is
+checkpointed (after each task, and every ``--checkpoint-every`` steps if set;
+the two latest are kept, and a damaged one falls back to the one before).
+``--resume RUN_DIR`` continues an interrupted experiment with the config
+saved in RUN_DIR; flags given with it must agree with that config
 (only ``--no-progress`` and ``--keep-checkpoints`` may differ):
   python -m experiments.permuted_mnist --out runs/a      # killed midway
   python -m experiments.permuted_mnist --resume runs/a
@@ -58,8 +60,9 @@ class Flags:
 
   Attributes:
     config: every field of the experiment's configuration.
-    out: run directory (default runs/PRESET-TIME).
-    overwrite: allow a non-empty run directory.
+    out: run directory (default runs/PRESET-TIME-PID, a new one per run).
+    overwrite: replace a previous run's files in --out (refused when it
+      holds files the runner did not write).
     resume: continue the interrupted experiment in this RUN_DIR.
     vmap: train each method's lambdas as one vmapped program (not
       checkpointed).
