@@ -415,3 +415,15 @@ def test_a_checkpoint_write_that_fails_in_orbax_is_one_line(
   err = _one_line_error(capsys)
   assert "cannot write checkpoint step" in err
   assert "RESOURCE_EXHAUSTED: No space left on device" in err
+
+
+def test_the_cli_stops_a_blow_up_in_one_line(tmp_path, capsys):
+  assert permuted_mnist.main([*FLAGS, "--methods", "ewc", "--lr", "1000",
+                              "--out", str(tmp_path / "adam")]) == 1
+  err = _one_line_error(capsys)
+  assert "the training loss diverged to" in err
+  assert "No run has finished; this run had no checkpoint yet." in err
+  assert permuted_mnist.main([*FLAGS, "--methods", "ewc", "--lam", "1,2",
+                              "--optimizer", "sgd", "--lr", "50", "--vmap",
+                              "--out", str(tmp_path / "vmap")]) == 1
+  assert "member(s) (lam, seed)" in _one_line_error(capsys)

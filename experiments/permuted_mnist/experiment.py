@@ -111,9 +111,9 @@ def _run_one(config, workdir, stream, method, lam, seed, on_chunk):
     kept = sorted(int(p.name) for p in ckpt_dir.glob("*") if p.name.isdigit())
     where = (f"its last good checkpoint (step {kept[-1]}) is kept in "
              f"{ckpt_dir}" if kept else "this run had no checkpoint yet")
-    raise loop.TrainingDiverged(
-        f"{e} Finished runs are in {workdir / 'runs.json'}; {where}."
-    ) from None
+    done = (f"Finished runs are in {workdir / 'runs.json'}; "
+            if (workdir / "runs.json").is_file() else "No run has finished; ")
+    raise loop.TrainingDiverged(f"{e} {done}{where}.") from None
   return output, ckpt_dir
 
 
