@@ -329,6 +329,14 @@ def test_a_run_too_big_for_memory_is_refused_up_front(tmp_path, capsys):
   assert not out.exists()
 
 
+def test_a_failed_run_leaves_no_empty_default_directory(
+    tmp_path, monkeypatch, capsys):
+  monkeypatch.chdir(tmp_path)
+  assert permuted_mnist.main([*FLAGS, "--num-tasks", "1000000"]) == 1
+  _one_line_error(capsys)
+  assert list((tmp_path / "runs").iterdir()) == []
+
+
 def test_ctrl_c_says_how_to_resume(tmp_path, capsys):
   out = tmp_path / "run"
 

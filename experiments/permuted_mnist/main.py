@@ -33,6 +33,8 @@ saved in RUN_DIR; flags given with it must agree with that config
 import argparse
 import dataclasses
 import logging
+import pathlib
+import shutil
 import sys
 import typing
 from typing import Annotated, Any, Optional, Sequence
@@ -233,6 +235,16 @@ def _one_line(error: BaseException) -> str:
   return " ".join(str(error).split())
 
 
+def _tidy(flags: Flags, workdir: Any, status: int) -> int:
+  """Removes a default run directory that a failed run left empty (its
+  lock file aside); returns ``status``."""
+  path = pathlib.Path(workdir)
+  if flags.out is None and not flags.resume and path.is_dir() and all(
+      p.name == workdir_lib.LOCK for p in path.iterdir()):
+    shutil.rmtree(path, ignore_errors=True)
+  return status
+
+
 def _run(flags: Flags, config: config_lib.Config, workdir: Any,
          on_chunk: Optional[loop.ChunkHook]) -> int:
   """Runs the experiment; 1 with one line on stderr for a run that cannot
@@ -248,16 +260,19 @@ def _run(flags: Flags, config: config_lib.Config, workdir: Any,
         data_seed=flags.data_seed, on_chunk=on_chunk)
   except RUN_ERRORS as e:
     print(f"error: {_one_line(e)}", file=sys.stderr)
-    return 1
+    return _tidy(flags, workdir, 1)
   except OSError as e:  # a full disk, a read-only or vanished directory
     print(f"error: cannot write the run's files in {workdir}: "
           f"{_one_line(e)}", file=sys.stderr)
-    return 1
+    return _tidy(flags, workdir, 1)
   except KeyboardInterrupt:
-    again = ("--vmap runs are not checkpointed: start it again" if flags.vmap
-             else f"continue it with: {PROG} --resume {workdir}")
-    print(f"interrupted; finished runs are in {workdir}; {again}",
-          file=sys.stderr)
-    return 130
+    if not (pathlib.Path(workdir) / "config.json").is_file():
+      again = "it had not started: nothing to resume"
+    elif flags.vmap:
+      again = "--vmap runs are not checkpointed: start it again"
+    else:
+      again = f"continue it with: {PROG} --resume {workdir}"
+    print(f"interrupted; run directory {workdir}: {again}", file=sys.stderr)
+    return _tidy(flags, workdir, 130)
   logger.info("results in %s", summary["workdir"])
   return 0
