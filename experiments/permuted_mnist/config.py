@@ -75,6 +75,10 @@ class Config:
     gamma: online EWC's decay of the old Fisher.
     l2_lam: the L2 (Fisher = 1) strength sweep.
     si_c: SI's c sweep (Zenke's convention: the pull uses ``lam = 2c``).
+    mas_lam: MAS's lambda sweep (Aljundi's convention, no 1/2: the pull
+      uses ``lam = 2 mas_lam``).
+    kfac_lam: KFAC-EWC's lambda sweep (same convention as ``lam``).
+    online_kfac_lam: online KFAC-EWC's lambda sweep (decay ``gamma``).
     si_xi: SI's damping xi in ``Omega = omega / (Delta^2 + xi)``.
     fisher: the Fisher estimator (``exact``, ``sampled``, ``empirical``,
       ``batched``).
@@ -127,6 +131,9 @@ class Config:
   l2_lam: tuple[float, ...] = (1e-4, 1e-3)
   si_c: tuple[float, ...] = (3.0, 10.0)
   si_xi: float = 0.1
+  mas_lam: tuple[float, ...] = (1.0, 10.0)
+  kfac_lam: tuple[float, ...] = (30.0, 100.0)
+  online_kfac_lam: tuple[float, ...] = (30.0, 100.0)
   fisher: str = "exact"
   fisher_examples: Optional[int] = None
   fisher_batch_size: int = 256
