@@ -1,0 +1,126 @@
+"""The runner's MAS and KFAC-EWC methods (issue 12): end to end on tiny data."""
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+
+import ewc_jax
+from experiments.permuted_mnist import config as config_lib
+from experiments.permuted_mnist import loop
+from experiments.permuted_mnist import methods
+from experiments.permuted_mnist import models
+from experiments.permuted_mnist import ops
+from tests import tiny
+
+
+def _config(**changes):
+  # 2 tasks, 10 steps each: seconds, yet every task boundary is crossed.
+  return tiny.config(**{"num_tasks": 2, "hidden": (8,), "iterations": 10,
+                        "learning_rate": 3e-3, **changes})
+
+
+def _stream():
+  return tiny.stream(num_tasks=2)
+
+
+@pytest.mark.parametrize("method", ["mas", "kfac_ewc", "online_kfac_ewc"])
+def test_new_methods_run_end_to_end(method):
+  result = loop.run_method(_config(), _stream(), method, 0, 10.0)
+  assert result.method == method and result.R.shape == (2, 2)
+  assert np.all((result.R >= 0) & (result.R <= 1))
+  assert np.all(result.R[np.tril_indices(2)] > 0)
+  # The pull acts: a strong lambda changes task 2's training.
+  free = loop.run_method(_config(), _stream(), method, 0, 0.0)
+  assert not np.array_equal(free.R[1], result.R[1])
+
+
+def test_kfac_ewc_with_lam_zero_equals_finetune_exactly():
+  kfac = loop.run_method(_config(), _stream(), "kfac_ewc", 0, 0.0)
+  finetune = loop.run_method(_config(), _stream(), "finetune", 0)
+  np.testing.assert_array_equal(kfac.R, finetune.R)
+  np.testing.assert_array_equal(kfac.R_val, finetune.R_val)
+
+
+def test_runner_mas_importance_equals_its_closed_form():
+  config = _config()
+  task = _stream().tasks[0]
+  graphdef, _, state = ops.init_state(config, methods.get("mas"), 10,
+                                      [(1.0, 0)], batched=False)
+  got = methods.mas_importance(config, graphdef, state, task,
+                               jax.random.key(0))
+  # Independent reference: per-example autodiff of ||f(x)||^2, |.|, mean.
+  apply_fn = models.eval_apply_fn(graphdef)
+  x = jnp.asarray(task.train_x)
+
+  def one(xi):
+    return jax.grad(lambda p: jnp.sum(jnp.square(apply_fn(p, xi[None]))))(
+        state.params)
+
+  want = jax.tree.map(lambda g: jnp.mean(jnp.abs(g), 0), jax.vmap(one)(x))
+  jax.tree.map(lambda a, b: np.testing.assert_allclose(a, b, rtol=2e-5,
+                                                       atol=1e-7), got, want)
+
+
+def test_kfac_consolidation_folds_the_task_into_the_pull():
+  config = _config()
+  method = methods.get("kfac_ewc")
+  graphdef, tx, state = ops.init_state(config, method, 10, [(3.0, 0)],
+                                       batched=False)
+  state = ops.consolidate(method, config, graphdef, state, _stream().tasks[0],
+                          jax.random.key(0))
+  inner = [s for s in jax.tree.leaves(
+      state.opt_state, is_leaf=lambda s: isinstance(s, ewc_jax.KFACEWCState))
+           if isinstance(s, ewc_jax.KFACEWCState)]
+  assert len(inner) == 1 and int(inner[0].num_tasks) == 1
+  assert float(inner[0].lam) == 3.0 and all(
+      float(jnp.trace(a)) > 0 for a in inner[0].a)
+
+
+def test_online_kfac_keeps_gamma_in_its_state_through_updates():
+  config = _config(gamma=0.7)
+  graphdef, tx, state = ops.init_state(
+      config, methods.get("online_kfac_ewc"), 10, [(2.0, 0)], batched=False)
+  grads = jax.tree.map(jnp.zeros_like, state.params)
+  _, opt_state = tx.update(grads, state.opt_state, state.params)
+  inner = opt_state[0].inner_state
+  assert float(inner.gamma) == pytest.approx(0.7) and bool(inner.online)
+
+
+@pytest.mark.parametrize("method", ["kfac_ewc"])
+def test_vmapped_members_equal_separate_runs(method):
+  out = loop.run_sweep(_config(), _stream(), method, [0.0, 10.0], [0])
+  for lam, result in zip([0.0, 10.0], out.results):
+    one = loop.run_method(_config(), _stream(), method, 0, lam)
+    np.testing.assert_allclose(result.R, one.R, atol=1e-6)
+
+
+class _Interrupted(Exception):
+  pass
+
+
+def test_kfac_ewc_resumes_to_the_same_result(tmp_path):
+  config = _config(checkpoint_every=5)
+  ref = loop.run_method(config, _stream(), "kfac_ewc", 0, 10.0,
+                        checkpoint_dir=tmp_path / "ref")
+  done = [0]
+
+  def hook(n):
+    done[0] += n
+    if done[0] >= 15:  # mid task 2, after task 1's curvature is folded in
+      raise _Interrupted
+
+  with pytest.raises(_Interrupted):
+    loop.run_method(config, _stream(), "kfac_ewc", 0, 10.0,
+                    checkpoint_dir=tmp_path / "run", on_chunk=hook)
+  resumed = loop.run_method(config, _stream(), "kfac_ewc", 0, 10.0,
+                            checkpoint_dir=tmp_path / "run")
+  np.testing.assert_array_equal(resumed.R, ref.R)
+  assert resumed.train_loss == ref.train_loss
+
+
+def test_new_methods_have_strength_fields():
+  for name in ("mas", "kfac_ewc", "online_kfac_ewc"):
+    assert name in config_lib.METHODS
+    field = config_lib.LAM_FIELDS[name]
+    assert getattr(config_lib.Config(), field)
