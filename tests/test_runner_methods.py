@@ -124,3 +124,33 @@ def test_new_methods_have_strength_fields():
     assert name in config_lib.METHODS
     field = config_lib.LAM_FIELDS[name]
     assert getattr(config_lib.Config(), field)
+
+
+def test_vandeven_preset_uses_the_predicted_fisher_and_32x32_inputs():
+  from experiments.permuted_mnist.configs import vandeven2019
+  config = vandeven2019.get_config()  # unvalidated: "predicted" by name
+  assert config.fisher == "predicted" and config.pad_to == 32
+  assert config.kfac_fisher == "exact"
+  assert "kfac_ewc" in config.methods and "mas" in config.methods
+
+
+def test_pad_to_pads_before_permuting_and_feeds_a_wider_mlp():
+  from experiments.permuted_mnist import tasks as tasks_lib
+  ds = tiny.dataset()
+  padded = tasks_lib.permuted_tasks(ds, 2, 0, pad_to=32)
+  x = padded[1].train_x
+  assert x.shape[1:] == (32, 32)
+  # The permutation runs over 1024 pixels: the 784 real ones land anywhere,
+  # and every image keeps its pixel values (a permutation of the padded one).
+  plain = tasks_lib.pad_images(tasks_lib.train_val_split(
+      ds.train_x, ds.train_y, 0.1, 0)[0], 32)
+  np.testing.assert_array_equal(np.sort(x.reshape(len(x), -1), 1),
+                                np.sort(plain.reshape(len(plain), -1), 1))
+  config = _config(pad_to=32)
+  assert methods.input_shape(config) == (32, 32)
+  _, _, state = ops.init_state(config, methods.get("finetune"), 10,
+                               [(0.0, 0)], batched=False)
+  kernel = jax.tree.leaves(state.params)
+  assert any(k.shape == (1024, 8) for k in kernel)
+  with pytest.raises(ValueError, match="pad_to"):
+    config_lib.validate(_config(pad_to=30, model="cnn"))

@@ -270,7 +270,8 @@ def kfac_importance(config, graphdef, state, task, key):
   """The Kronecker-factored Fisher (:func:`ewc_jax.kfac_fisher`)."""
   return ewc_jax.kfac_fisher(
       task_apply_fn(graphdef, task), state.params,
-      task_data(config, task, key), estimator=config.fisher, rng=key,
+      task_data(config, task, key),
+      estimator=config.kfac_fisher or config.fisher, rng=key,
       batch_size=config.fisher_batch_size)
 
 

@@ -7,6 +7,7 @@ the training state the way every method declares it (:mod:`methods`).
 
 import dataclasses
 import functools
+import math
 from typing import Sequence
 
 import jax
@@ -29,7 +30,8 @@ def init_state(config: config_lib.Config, method: methods_lib.Method,
     model = models.make_model(
         config.model, num_classes, seed=seed, hidden=config.hidden,
         dropout=config.dropout, channels=config.channels,
-        cnn_hidden=config.cnn_hidden)
+        cnn_hidden=config.cnn_hidden,
+        in_features=math.prod(methods_lib.input_shape(config)))
     graphdef, params = models.split_model(model)
     if tx is None:  # the method's optimiser may depend on the model
       tx = methods_lib.optimizer(method, config, graphdef, params)
