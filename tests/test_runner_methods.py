@@ -154,3 +154,21 @@ def test_pad_to_pads_before_permuting_and_feeds_a_wider_mlp():
   assert any(k.shape == (1024, 8) for k in kernel)
   with pytest.raises(ValueError, match="pad_to"):
     config_lib.validate(_config(pad_to=30, model="cnn"))
+
+
+def test_fisher_ratio_script_estimators_match_the_library():
+  from experiments.permuted_mnist import fisher_ratio
+  graphdef, _, state = ops.init_state(_config(), methods.get("finetune"), 10,
+                                      [(0.0, 0)], batched=False)
+  apply_fn = models.eval_apply_fn(graphdef)
+  task = _stream().tasks[0]
+  x, y = jnp.asarray(task.train_x[:100]), jnp.asarray(task.train_y[:100])
+  got = fisher_ratio.per_example_fishers(apply_fn, state.params, x, y)
+  for name in ("exact", "empirical"):
+    want = ewc_jax.fisher_diagonal(apply_fn, state.params, (x, y),
+                                   estimator=name)
+    jax.tree.map(lambda a, b: np.testing.assert_allclose(
+        a, b, rtol=1e-4, atol=1e-9), got[name], want)
+  # Mammoth's term is the empirical one weighted by p(y|x) <= 1.
+  ratio = fisher_ratio.ratios(got)
+  assert 0 < ratio["mammoth"][0] < ratio["empirical"][0]
