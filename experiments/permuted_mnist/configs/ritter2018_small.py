@@ -12,9 +12,9 @@ Expected runtime: about 20 to 30 minutes on a 2-core x86 CPU shared with
 other jobs (every method's lambdas as one vmapped program; see README's
 results section for the measured numbers).
 
-Scaled down: the embedded 5,000-digit MNIST subset (4,500 training, 500
-validation examples per task), MLP 2x100 ReLU, Adam lr 1e-3, batch 64,
-2 epochs (140 steps) per task, the exact Fisher (KFAC: the exact
+Scaled down: the embedded 5,000-digit MNIST subset (3,600 training, 400
+validation and 1,000 test examples per task), MLP 2x100 ReLU, Adam lr 1e-3,
+batch 64, 2 epochs (112 steps) per task, the exact Fisher (KFAC: the exact
 Kronecker factors) on 1,000 examples of each task, one seed. Ritter et al.
 use the full MNIST, an MLP 2x100, 10 epochs per task and their own
 hyperparameter search; the strengths here are chosen on validation from the
