@@ -156,6 +156,13 @@ def test_pad_to_pads_before_permuting_and_feeds_a_wider_mlp():
     config_lib.validate(_config(pad_to=30, model="cnn"))
 
 
+def test_kfac_with_the_batched_fisher_is_refused_by_name():
+  with pytest.raises(ValueError, match="kfac_fisher"):
+    config_lib.validate(_config(methods=("kfac_ewc",), fisher="batched"))
+  config_lib.validate(_config(methods=("kfac_ewc",), fisher="batched",
+                              kfac_fisher="exact"))
+
+
 def test_fisher_ratio_script_estimators_match_the_library():
   from experiments.permuted_mnist import fisher_ratio
   graphdef, _, state = ops.init_state(_config(), methods.get("finetune"), 10,

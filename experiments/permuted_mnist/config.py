@@ -287,6 +287,11 @@ def _check_choices(config: Config) -> None:
     raise ValueError(
         f"kfac_fisher must be None or an estimator of ewc_jax.kfac_fisher "
         f"(not batched), got {config.kfac_fisher!r}.")
+  kfac = [m for m in config.methods if m.endswith("kfac_ewc")]
+  if kfac and (config.kfac_fisher or config.fisher) == "batched":
+    raise ValueError(
+        f"{kfac[0]} needs a per-example estimator: fisher=batched has no "
+        "Kronecker factors; set kfac_fisher (exact, sampled, empirical).")
   if config.model not in models.MODELS:
     raise ValueError(
         f"model must be one of {models.MODELS}, got {config.model!r}.")
