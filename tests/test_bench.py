@@ -1,6 +1,9 @@
-"""The benchmark suite runs end to end on a tiny configuration."""
+"""The benchmark suite and the device check run end to end, tiny."""
 
+import gzip
 import json
+
+import numpy as np
 
 from experiments import bench
 
@@ -13,9 +16,38 @@ def test_bench_writes_ratios(tmp_path):
   res = json.loads(out.read_text())
   paths = {(r["model"], r["path"], r["estimator"]) for r in res["fisher"]}
   assert ("mlp", "fast", "exact") in paths and ("mlp", "vmap", "exact") in paths
+  assert ("mlp", "fast", "predicted") in paths and ("cnn", "fast", "exact") in (
+      paths)
   # The recurrent model is not known to the fast path: auto fell back.
   assert ("recurrent", "vmap", "exact") in paths
-  assert all(r["ratio"] > 0 for r in res["fisher"])
+  assert all(r["ratio"] > 0 and r["ratio_loop"] > 0 for r in res["fisher"])
   assert [r["optimizer"] for r in res["train"]] == ["adam", "ewc+adam"]
   assert {r["batch_size"] for r in res["memory"] if "batch_size" in r} == {
       16, 64, 256}
+
+
+def _write_idx(path, array):
+  header = bytes([0, 0, 8, array.ndim]) + b"".join(
+      int(s).to_bytes(4, "big") for s in array.shape)
+  path.write_bytes(gzip.compress(header + array.astype(np.uint8).tobytes()))
+
+
+def test_device_check_smoke_on_cpu_reads_idx(tmp_path, capsys):
+  data = tmp_path / "idx"
+  data.mkdir()
+  rng = np.random.default_rng(0)
+  _write_idx(data / "train-images-idx3-ubyte.gz",
+             rng.integers(0, 256, (600, 28, 28)))
+  _write_idx(data / "train-labels-idx1-ubyte.gz", rng.integers(0, 10, 600))
+  out = tmp_path / "out"
+  bench.main(["--device-check", "--smoke", "--data-dir", str(data),
+              "--methods", "", "--out-dir", str(out)])
+  printed = capsys.readouterr().out
+  assert "no GPU" in printed
+  res = json.loads((out / "device_check.json").read_text())
+  assert res["examples"] == 512
+  assert [r["estimator"] for r in res["fisher"]] == [
+      "exact", "sampled", "empirical", "predicted", "batched"]
+  assert all(r["ratio"] > 0 for r in res["fisher"])
+  # The table is the last thing printed.
+  assert printed.rstrip().endswith(res["table"].splitlines()[-1])

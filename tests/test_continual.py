@@ -14,6 +14,7 @@ import pytest
 
 import ewc_jax
 from ewc_jax import continual
+from experiments.common import tracking
 from experiments.continual_lm import config as config_lib
 from experiments.continual_lm import corpora
 from experiments.continual_lm import main as main_lib
@@ -144,6 +145,29 @@ def test_lambda_sweep_compiles_once(lm):
   trainer.fine_tune(loss_fn, params, b, eval_every=CHUNK, **kw, lam=1.0)
   assert _compiles(lambda: trainer.fine_tune(
       loss_fn, params, b, eval_every=CHUNK, **kw, lam=7.0)) == 0
+
+
+def test_batched_is_squared_batch_mean_gradient():
+  loss_fn = lambda p, z: jnp.mean((jnp.tanh(z[:3] @ p["w"]) + p["b"] - z[3])
+                                  ** 2)
+  params = {"w": jnp.array([[0.3, -0.2], [0.1, 0.5], [-0.4, 0.2]]),
+            "b": jnp.array([0.1, -0.3])}
+  data = jax.random.normal(jax.random.key(1), (10, 4))
+  got = ewc_jax.empirical_fisher(loss_fn, params, data,
+                                 estimator="batched", batch_size=4)
+  squares = []
+  for batch in (data[0:4], data[4:8], data[8:10]):  # the last one is short
+    g = jax.grad(lambda p, batch=batch: jnp.mean(
+        jax.vmap(loss_fn, in_axes=(None, 0))(p, batch)))(params)
+    # Weighted by batch size: the short batch counts for what it holds.
+    squares.append(jax.tree.map(lambda gi, n=len(batch): n * gi ** 2 / 10, g))
+  want = jax.tree.map(lambda *s: sum(s), *squares)
+  chex.assert_trees_all_close(got, want, rtol=1e-5)
+  per_example = [jax.tree.map(jnp.square, jax.grad(loss_fn)(params, z))
+                 for z in data]
+  emp = ewc_jax.empirical_fisher(loss_fn, params, data, batch_size=4)
+  chex.assert_trees_all_close(
+      emp, jax.tree.map(lambda *s: sum(s) / len(s), *per_example), rtol=1e-5)
 
 
 def test_bfloat16_params_give_float32_importance():
@@ -322,8 +346,12 @@ def test_presets_are_valid_and_the_gpu_one_has_room():
 
 
 def test_bfloat16_language_model_flag():
-  config, _ = main_lib.parse(["--preset", "tiny", "--dtype", "bfloat16"])
+  flags = main_lib.parse(["--preset", "tiny", "--dtype", "bfloat16",
+                          "--lam", "1,10", "--out", "o", "--quiet"])
+  config = flags.config
   assert config.dtype == "bfloat16" and config.seq_len == 16
+  assert config.lams == (1.0, 10.0)  # commas, as the other experiment
+  assert flags.out == "o" and flags.output.quiet
   graphdef, params = lm_model.make_model(
       seq_len=config.seq_len, d_model=config.d_model,
       num_heads=config.num_heads, num_layers=config.num_layers,
@@ -350,7 +378,8 @@ def test_experiment_main_writes_outputs(tmp_path, capsys):
   rc = main_lib.main([
       "--preset", "tiny", "--corpus-a", str(corpus_a), "--corpus-b",
       str(corpus_b), "--lam", "1", "10", "--pretrain-steps", "6", "--steps",
-      "4", "--pretrain-eval-every", "2", "--out", str(out)])
+      "4", "--pretrain-eval-every", "2", "--out", str(out), "--logdir",
+      str(tmp_path / "tb")])
   assert rc == 0
   results = json.loads((out / "results.json").read_text())
   assert [(r["method"], r["lam"]) for r in results["runs"]] == [
@@ -364,12 +393,35 @@ def test_experiment_main_writes_outputs(tmp_path, capsys):
     assert r["eval_steps"][0] == 0 and r["eval_steps"][-1] == 4
     assert r["ppl_a_before"] == pytest.approx(pre["ppl_a_kept"], rel=1e-5)
   assert results["importance"]["ewc"]["dtypes"] == ["float32"]
+  timing = results["timing"]
+  assert set(timing) >= {"compile", "train", "fisher", "other"}
+  assert 0 < sum(timing.values()) <= results["seconds"] + 0.01
   assert results["importance"]["ratio_empirical_to_batched"] > 0
   assert len(results["corpora"]["a"]["sha256"]) == 64
   assert (out / "perplexity.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
   assert "| lambda (per-example scale) |" in (out / "results.md").read_text()
   assert "ppl A ewc" in capsys.readouterr().out
   assert not list(out.glob(".*.tmp"))  # atomic writes leave no temp files
+  _check_live_metrics(tmp_path / "tb", results)
+
+
+def _check_live_metrics(logdir, results):
+  """--logdir: one run each, every step's loss, the held-out perplexity."""
+  assert sorted(p.name for p in logdir.iterdir()) == [
+      "batched-lam8.0", "batched-lam80.0", "ewc-lam1.0", "ewc-lam10.0",
+      "finetune-lam0.0", "pretrain"]
+  pre = tracking.read_scalars(logdir / "pretrain")
+  assert [s for s, _ in pre["train/loss"]] == list(range(1, 7))
+  assert "train/penalty" not in pre
+  np.testing.assert_allclose([v for _, v in pre["heldout/ppl_a"]],
+                             results["pretrain"]["ppl_a"][1:], rtol=1e-5)
+  for r in results["runs"]:
+    got = tracking.read_scalars(logdir / f"{r['method']}-lam{r['lam']!r}")
+    assert [s for s, _ in got["train/loss"]] == [1, 2, 3, 4]
+    assert ("train/penalty" in got) == (r["lam"] > 0)
+    assert [s for s, _ in got["heldout/ppl_b"]] == r["eval_steps"][1:]
+    np.testing.assert_allclose([v for _, v in got["heldout/ppl_b"]],
+                               r["ppl_b"][1:], rtol=1e-5)
 
 
 def test_experiment_rejects_bad_flags(tmp_path, capsys):

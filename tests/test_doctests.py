@@ -6,7 +6,7 @@ import importlib
 import pytest
 
 MODULES = ["ewc_jax._src.fisher", "ewc_jax._src.transform",
-           "ewc_jax._src.continual"]
+           "ewc_jax._src.continual", "experiments.common.tracking"]
 
 
 @pytest.mark.parametrize("name", MODULES)

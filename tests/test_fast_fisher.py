@@ -9,6 +9,7 @@ from flax import nnx
 
 import ewc_jax
 from ewc_jax._src import fast
+from ewc_jax._src import layers
 from tests import models
 
 X = jax.random.normal(jax.random.key(1), (20, 8, 8))
@@ -75,7 +76,7 @@ def test_fast_path_equals_vmap_path(name, estimator):
 
 def test_layers_are_classified():
   apply_fn, params = MODELS["per_token_tied"]()
-  plan = fast._plan(apply_fn, params, jax.ShapeDtypeStruct((8, 8),
+  plan = layers.plan_for(apply_fn, params, jax.ShapeDtypeStruct((8, 8),
                                                            jnp.float32))
   names = [jax.tree_util.keystr(p) for p, _ in
            jax.tree_util.tree_flatten_with_path(params)[0]]

@@ -11,6 +11,7 @@ import optax
 
 from ewc_jax._src import batches as batches_lib
 from ewc_jax._src import fisher as fisher_lib
+from ewc_jax._src import likelihood as likelihood_lib
 from ewc_jax._src import kfac_tracer
 from ewc_jax._src import tree as tree_lib
 from ewc_jax._src.kfac_tracer import DenseLayer
@@ -112,7 +113,7 @@ def _kfac_step(ref, estimator, num_samples, acc, leaves, inputs, labels, key,
       return logits, [walker.acts[i] for i in range(len(plan.layers))]
 
     logits, vjp_fn, acts = jax.vjp(forward, zero, has_aux=True)
-    u, w = fisher_lib.log_likelihood_cotangents(logits, y, k, estimator,
+    u, w = likelihood_lib.log_likelihood_cotangents(logits, y, k, estimator,
                                                 num_samples)
     (grads,) = jax.vmap(vjp_fn)(u.astype(logits.dtype))
     return acts, grads, w

@@ -7,9 +7,13 @@ shown.
 """
 
 import contextlib
+import dataclasses
 import logging
 import sys
-from typing import Iterator, Sequence
+import typing
+from typing import Any, Iterator, Optional, Sequence
+
+from experiments.common import tracking
 
 @contextlib.contextmanager
 def logging_to_stdout(quiet: bool = False,
@@ -66,3 +70,52 @@ def split_commas(argv: Sequence[str], list_flags: Sequence[str]) -> list[str]:
     else:
       out.append(word)
   return out
+
+
+def list_flags(cls: Any) -> list[str]:
+  """The flags of ``cls``'s tuple-valued dataclass fields (``--seeds``),
+  for :func:`split_commas`."""
+  hints = typing.get_type_hints(cls, include_extras=False)
+  return ["--" + f.name.replace("_", "-") for f in dataclasses.fields(cls)
+          if typing.get_origin(hints[f.name]) is tuple]
+
+
+@dataclasses.dataclass(frozen=True)
+class OutputFlags:
+  """Flags every experiment shares: messages and live metrics.
+
+  Attributes:
+    quiet: only warnings and errors.
+    verbose: debug messages too.
+    logdir: write live TensorBoard event files here, one subdirectory per
+      run (``tensorboard --logdir DIR`` shows them).
+    wandb: log each run to Weights & Biases too (needs ``wandb``).
+    wandb_project: the W&B project of --wandb.
+  """
+
+  quiet: bool = False
+  verbose: bool = False
+  logdir: Optional[str] = None
+  wandb: bool = False
+  wandb_project: str = "ewc_jax"
+
+  def check(self) -> None:
+    """Fails before any work where a chosen writer is not installed.
+
+    Raises:
+      ImportError: ``--wandb`` without ``wandb``.
+    """
+    if self.wandb:
+      tracking.import_wandb()
+
+  def live(self) -> Optional[dict[str, Optional[str]]]:
+    """``{"logdir", "wandb_project"}`` where live metrics are asked for,
+    else ``None``."""
+    if self.logdir is None and not self.wandb:
+      return None
+    return {"logdir": self.logdir,
+            "wandb_project": self.wandb_project if self.wandb else None}
+
+  def logging(self):
+    """:func:`logging_to_stdout` at the chosen verbosity."""
+    return logging_to_stdout(quiet=self.quiet, verbose=self.verbose)

@@ -14,10 +14,11 @@ value; the batched importance is about ``F / batch_size``, so it runs at
 
 import dataclasses
 import hashlib
+import logging
 import math
 import os
 import time
-from typing import Any, Callable
+from typing import Any, Optional
 
 import jax
 import jax.numpy as jnp
@@ -25,6 +26,8 @@ import numpy as np
 import optax
 
 import ewc_jax
+from experiments.common import timing as timing_lib
+from experiments.common import tracking
 from experiments.continual_lm import corpora
 from experiments.continual_lm import model as lm_model
 from experiments.continual_lm import trainer
@@ -33,6 +36,45 @@ from experiments.continual_lm.config import validate
 
 DTYPES = {"float32": jnp.float32, "bfloat16": jnp.bfloat16}
 ESTIMATOR = {"ewc": "empirical", "batched": "batched"}
+logger = logging.getLogger(__name__)
+
+
+@dataclasses.dataclass(frozen=True)
+class LiveMetrics:
+  """Where live metrics go, one run each (``pretrain``, ``ewc-lam10.0``).
+
+  Scalars: ``train/loss`` and (with EWC) ``train/penalty`` at every step,
+  ``heldout/ppl_a`` and ``heldout/ppl_b`` at every evaluation.
+
+  Attributes:
+    logdir: TensorBoard event files, one subdirectory per run.
+    wandb_project: a W&B project (needs ``wandb``), or ``None``.
+  """
+
+  logdir: Optional[str] = None
+  wandb_project: Optional[str] = None
+
+  def open(self, name: str, config: Config) -> tracking.Trackers:
+    return tracking.open_trackers(
+        name, logdir=self.logdir, wandb_project=self.wandb_project,
+        group="continual_lm", config=dataclasses.asdict(config))
+
+
+def _chunk_hook(trackers: tracking.Trackers, penalty: bool):
+  """A :func:`trainer.fit` chunk hook writing to ``trackers``."""
+
+  def hook(first, losses, penalties, evals):
+    for i, (loss, pen) in enumerate(zip(losses, penalties, strict=True)):
+      values = {"train/loss": loss}
+      if penalty:
+        values["train/penalty"] = pen
+      trackers.scalars(values, first + i + 1)
+    if evals:
+      trackers.scalars({f"heldout/ppl_{name}": _ppl([loss])[0]
+                        for name, loss in evals.items()},
+                       first + len(losses))
+
+  return hook
 
 
 def split_corpus(text: bytes, config: Config,
@@ -88,7 +130,7 @@ def _total(tree: Any) -> float:
   return float(sum(jnp.sum(x) for x in jax.tree.leaves(tree)))
 
 
-def pretrain(config: Config, loss_fn, params, data, key):
+def pretrain(config: Config, loss_fn, params, data, key, on_chunk=None):
   """Trains on A; keeps the parameters best on held-out A."""
   schedule = optax.warmup_cosine_decay_schedule(
       0.0, config.pretrain_lr, min(100, config.pretrain_steps // 10 + 1),
@@ -98,7 +140,8 @@ def pretrain(config: Config, loss_fn, params, data, key):
       loss_fn, params, data["a"][0], optimizer=_optimizer(schedule),
       num_steps=config.pretrain_steps, batch_size=config.batch_size,
       rng=jax.random.fold_in(key, 0), eval_data=held_out,
-      eval_every=config.pretrain_eval_every, keep_best="a")
+      eval_every=config.pretrain_eval_every, keep_best="a",
+      on_chunk=on_chunk)
   kept = list(hist["eval_steps"]).index(hist["best_step"])
   return params, {
       "steps": config.pretrain_steps,
@@ -143,7 +186,8 @@ def importances(config: Config, loss_fn, params, a_train):
   return found, info
 
 
-def fine_tune_all(config: Config, loss_fn, params, data, found, key, log):
+def fine_tune_all(config: Config, loss_fn, params, data, found, key,
+                  live: Optional[LiveMetrics] = None):
   """Fine-tunes on B once per method and lambda; one result row each."""
   plan = []
   for method in config.methods:
@@ -156,12 +200,14 @@ def fine_tune_all(config: Config, loss_fn, params, data, found, key, log):
   optimizer = _optimizer(config.finetune_lr)  # one object: compiled once
   runs = []
   for method, lam, matched in plan:
-    _, hist = trainer.fine_tune(
-        loss_fn, params, data["b"][0], lam=lam, importance=found.get(method),
-        optimizer=optimizer, num_steps=config.finetune_steps,
-        batch_size=config.batch_size, rng=jax.random.fold_in(key, 1),
-        eval_data=held_out, eval_every=config.eval_every,
-        data_name="corpus_b")
+    with _open(live, f"{method}-lam{float(lam)!r}", config) as trackers:
+      _, hist = trainer.fine_tune(
+          loss_fn, params, data["b"][0], lam=lam,
+          importance=found.get(method), optimizer=optimizer,
+          num_steps=config.finetune_steps, batch_size=config.batch_size,
+          rng=jax.random.fold_in(key, 1), eval_data=held_out,
+          eval_every=config.eval_every, data_name="corpus_b",
+          on_chunk=_chunk_hook(trackers, penalty=lam > 0))
     ppl_a, ppl_b = _ppl(hist["eval"]["a"]), _ppl(hist["eval"]["b"])
     runs.append({
         "method": method, "estimator": ESTIMATOR.get(method),
@@ -174,23 +220,31 @@ def fine_tune_all(config: Config, loss_fn, params, data, found, key, log):
         "final_penalty": float(hist["penalty"][-1]),
         "seconds": hist["train_seconds"],
     })
-    log(f"{method:8s} lam {lam:<8g}: ppl A {ppl_a[0]:.2f} -> {ppl_a[-1]:.2f},"
-        f" ppl B {ppl_b[0]:.2f} -> {ppl_b[-1]:.2f} "
-        f"({hist['train_seconds']:.0f} s)")
+    logger.info("%-8s lam %-8g: ppl A %.2f -> %.2f, ppl B %.2f -> %.2f "
+                "(%.0f s)", method, lam, ppl_a[0], ppl_a[-1], ppl_b[0],
+                ppl_b[-1], hist["train_seconds"])
   return runs
 
 
-def run(config: Config, *, log: Callable[[str], None] = print
+def _open(live: Optional[LiveMetrics], name: str,
+          config: Config) -> tracking.Trackers:
+  return tracking.Trackers() if live is None else live.open(name, config)
+
+
+def run(config: Config, *, live: Optional[LiveMetrics] = None
         ) -> dict[str, Any]:
   """Trains on A, fine-tunes on B with every method and lambda.
 
+  Progress lines go to the ``logging`` module.
+
   Args:
     config: the settings (validated here).
-    log: a ``print``-like function for progress lines.
+    live: live metrics (TensorBoard, W&B); ``None``: none.
 
   Returns:
     The results: config, machine, corpora, before/after perplexities and
-    curves of every run (JSON-serialisable).
+    curves of every run, seconds per phase (``timing``: compile, train,
+    fisher, other); JSON-serialisable.
   """
   validate(config)
   start = time.perf_counter()
@@ -202,17 +256,23 @@ def run(config: Config, *, log: Callable[[str], None] = print
   loss_fn = lm_model.make_loss_fn(graphdef)
   key = jax.random.key(config.seed)
   info = data["info"]
-  log(f"model: {lm_model.num_params(params):,} {config.dtype} parameters; "
-      f"A: {info['a']['train_sequences']} train / "
-      f"{info['a']['test_sequences']} test sequences, B: "
-      f"{info['b']['train_sequences']} / {info['b']['test_sequences']}")
-  params, pre = pretrain(config, loss_fn, params, data, key)
-  log(f"trained on A in {pre['seconds']:.0f} s, kept step "
-      f"{pre['best_step']}: ppl A {pre['ppl_a'][0]:.2f} -> "
-      f"{pre['ppl_a_kept']:.2f}, ppl B {pre['ppl_b_kept']:.2f}")
-  found, importance_info = importances(config, loss_fn, params,
-                                       data["a"][0])
-  runs = fine_tune_all(config, loss_fn, params, data, found, key, log)
+  logger.info(
+      "model: %s %s parameters; A: %d train / %d test sequences, B: %d / %d",
+      f"{lm_model.num_params(params):,}", config.dtype,
+      info["a"]["train_sequences"], info["a"]["test_sequences"],
+      info["b"]["train_sequences"], info["b"]["test_sequences"])
+  timer = timing_lib.PhaseTimer()  # compilation split out of each phase
+  with _open(live, "pretrain", config) as trackers, timer.phase("train"):
+    params, pre = pretrain(config, loss_fn, params, data, key,
+                           on_chunk=_chunk_hook(trackers, penalty=False))
+  logger.info("trained on A in %.0f s, kept step %d: ppl A %.2f -> %.2f, "
+              "ppl B %.2f", pre["seconds"], pre["best_step"], pre["ppl_a"][0],
+              pre["ppl_a_kept"], pre["ppl_b_kept"])
+  with timer.phase("fisher"):
+    found, importance_info = importances(config, loss_fn, params,
+                                         data["a"][0])
+  with timer.phase("train"):
+    runs = fine_tune_all(config, loss_fn, params, data, found, key, live)
   return {
       "config": dataclasses.asdict(config),
       "machine": {
@@ -228,4 +288,6 @@ def run(config: Config, *, log: Callable[[str], None] = print
       "importance": importance_info,
       "runs": runs,
       "seconds": time.perf_counter() - start,
+      # Held-out evaluations are part of "train" here.
+      "timing": timer.finish(time.perf_counter() - start),
   }

@@ -2,63 +2,92 @@
 
 Examples:
   python -m experiments.continual_lm                  # cpu preset, ~3 min
-  python -m experiments.continual_lm --lam 1 10 100 --out runs/lm-sweep
+  python -m experiments.continual_lm --lam 1,10,100 --out runs/lm-sweep
   python -m experiments.continual_lm --dtype bfloat16
   python -m experiments.continual_lm --preset gpu     # tens of MB of text
   python -m experiments.continual_lm --corpus-a a.txt --corpus-b b.txt
+  python -m experiments.continual_lm --logdir runs/tb # tensorboard --logdir
 
-``--preset {cpu,gpu,tiny}`` picks the defaults (see ``config.PRESETS``),
-``--out DIR`` the output directory (default runs/continual_lm); every other
-flag sets one field of the config. The run writes ``results.json``,
-``results.md`` and ``perplexity.png`` there. Measured results:
-docs/continual_lm.md.
+``--preset {cpu,gpu,tiny}`` picks the defaults (see ``config.PRESETS``);
+every field of the config is a flag; lists take commas or spaces. The run
+writes ``results.json``, ``results.md`` and ``perplexity.png`` to ``--out``
+(default runs/continual_lm). Measured results: docs/continual_lm.md.
 """
 
 import argparse
+import dataclasses
+import logging
 import pathlib
 import sys
-from typing import Optional, Sequence
+from typing import Annotated, Optional, Sequence
 
 import tyro
 
+from experiments.common import cli
 from experiments.continual_lm import experiment
 from experiments.continual_lm import results as results_lib
 from experiments.continual_lm.config import PRESETS
 from experiments.continual_lm.config import Config
 from experiments.continual_lm.config import validate
 
+logger = logging.getLogger("experiments.continual_lm")
+PROG = "python -m experiments.continual_lm"
 
-def parse(argv: Optional[Sequence[str]] = None) -> tuple[Config, pathlib.Path]:
-  """The config (preset plus flags) and the output directory.
+
+@dataclasses.dataclass(frozen=True)
+class Flags:
+  """The command line: the configuration's fields and where results go.
+
+  Attributes:
+    config: every field of the experiment's configuration.
+    out: output directory.
+    output: messages and live metrics (--quiet, --logdir, --wandb, ...).
+  """
+
+  config: Annotated[Config, tyro.conf.arg(name="")]
+  out: str = "runs/continual_lm"
+  output: Annotated[cli.OutputFlags, tyro.conf.arg(name="")] = (
+      cli.OutputFlags())
+
+
+def parse(argv: Optional[Sequence[str]] = None) -> Flags:
+  """The flags, the config from the preset plus flags.
 
   Raises:
     SystemExit: bad flags (tyro prints why), or ``--help``.
   """
   pre = argparse.ArgumentParser(add_help=False)
   pre.add_argument("--preset", default="cpu", choices=sorted(PRESETS))
-  pre.add_argument("--out", default="runs/continual_lm")
   known, rest = pre.parse_known_args(argv)
-  config = tyro.cli(Config, default=PRESETS[known.preset], args=rest,
-                    prog="python -m experiments.continual_lm",
-                    description=__doc__)
-  return config, pathlib.Path(known.out)
+  rest = cli.split_commas(rest, cli.list_flags(Config) + ["--lam"])
+  return tyro.cli(Flags, default=Flags(config=PRESETS[known.preset]),
+                  args=rest, prog=PROG, description=__doc__)
 
 
 def main(argv: Optional[Sequence[str]] = None) -> int:
   """Runs the experiment; 2 (with one line on stderr) for bad settings."""
   try:
-    config, out = parse(argv)
+    flags = parse(argv)
   except SystemExit as e:  # tyro has printed why (or the help).
     return e.code if isinstance(e.code, int) else 2
   try:
-    validate(config)
-    experiment.load_data(config)  # Bad corpora fail before any training.
-  except ValueError as e:
-    print(f"error: {e}", file=sys.stderr)
+    validate(flags.config)
+    flags.output.check()
+    experiment.load_data(flags.config)  # bad corpora fail before training
+  except (ValueError, ImportError) as e:
+    print(f"{PROG}: error: {e}", file=sys.stderr)
     return 2
-  results = experiment.run(config)
-  results_lib.write_outputs(results, out)
-  print(results_lib.results_table(results))
-  print(f"total {results['seconds']:.0f} s; wrote {out / 'results.json'}, "
-        f"{out / 'results.md'}, {out / 'perplexity.png'}")
+  live = flags.output.live()
+  live = None if live is None else experiment.LiveMetrics(**live)
+  out = pathlib.Path(flags.out)
+  with flags.output.logging():
+    results = experiment.run(flags.config, live=live)
+    results_lib.write_outputs(results, out)
+    logger.info("%s", results_lib.results_table(results))
+    logger.info("seconds per phase: %s", ", ".join(
+        f"{name} {value:.1f}" for name, value in results["timing"].items()
+        if value))
+    logger.info("total %.0f s; wrote %s, %s, %s", results["seconds"],
+                out / "results.json", out / "results.md",
+                out / "perplexity.png")
   return 0

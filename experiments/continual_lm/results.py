@@ -1,11 +1,9 @@
 """Result files of the continual LM experiment: JSON, Markdown table, plot."""
 
-import io
-import json
 import pathlib
 from typing import Any
 
-from experiments.common.files import write_atomic
+from experiments.common import files
 
 
 def results_table(results: dict[str, Any]) -> str:
@@ -63,6 +61,8 @@ def plot(results: dict[str, Any]) -> bytes:
   import matplotlib  # noqa: PLC0415 (optional dependency, lazily)
   from matplotlib.figure import Figure  # noqa: PLC0415
 
+  from experiments.common import plots  # noqa: PLC0415 (matplotlib)
+
   runs = results["runs"]
   lams = sorted({r["lam_matched"] for r in runs if r["method"] != "finetune"})
   shades = {lam: 0.8 if len(lams) == 1 else 0.4 + 0.6 * i / (len(lams) - 1)
@@ -89,15 +89,13 @@ def plot(results: dict[str, Any]) -> bytes:
     ax.grid(alpha=0.3)
   axes[1].legend(fontsize=7)
   fig.tight_layout()
-  buf = io.BytesIO()
-  fig.savefig(buf, format="png")
-  return buf.getvalue()
+  return plots.png_bytes(fig)
 
 
 def write_outputs(results: dict[str, Any], out: pathlib.Path) -> None:
   """``results.json``, ``results.md`` and ``perplexity.png`` in ``out``."""
   out.mkdir(parents=True, exist_ok=True)
-  write_atomic(out / "results.json", json.dumps(results, indent=2) + "\n")
-  write_atomic(out / "results.md", results_table(results))
-  write_atomic(out / "perplexity.png", plot(results))
+  files.write_json(out / "results.json", results)
+  files.write_atomic(out / "results.md", results_table(results))
+  files.write_atomic(out / "perplexity.png", plot(results))
 

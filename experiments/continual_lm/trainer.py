@@ -20,6 +20,9 @@ import ewc_jax
 
 LossFn = Callable[[Any, Any], jax.Array]
 Callback = Callable[[int, Any], Mapping[str, Any]]
+# on_chunk(first_step, losses, penalties, evals): after every chunk, with
+# host arrays; evals holds the held-out losses just measured (if any).
+ChunkHook = Callable[[int, np.ndarray, np.ndarray, Mapping[str, float]], None]
 
 
 def check_positive_int(name: str, value: Any, *, allow_none: bool = False):
@@ -189,6 +192,7 @@ def fit(
     callback: Optional[Callback] = None,
     keep_best: Optional[str] = None,
     data_name: str = "data",
+    on_chunk: Optional[ChunkHook] = None,
 ) -> tuple[Any, Any, dict[str, Any]]:
   """Minimises the mean of ``loss_fn`` over mini-batches of ``data``.
 
@@ -220,6 +224,9 @@ def fit(
       lowest loss on it among the evaluation points (validation stopping),
       not the last ones.
     data_name: how errors name ``data``.
+    on_chunk: ``on_chunk(first_step, losses, penalties, evals)`` after each
+      chunk of steps (live metrics): the chunk's per-step values, already
+      on the host, and the held-out losses measured after it.
 
   Returns:
     ``(params, opt_state, history)``; ``history`` holds ``"loss"`` and
@@ -272,6 +279,10 @@ def fit(
     history["penalty"].append(np.asarray(penalties[:take]))
     if watch:
       watch_point(start + take)
+    if on_chunk is not None:
+      on_chunk(start, history["loss"][-1], history["penalty"][-1],
+               {name: v[-1] for name, v in history["eval"].items()}
+               if watch else {})
   history["loss"] = np.concatenate(history["loss"])
   history["penalty"] = np.concatenate(history["penalty"])
   history["eval_steps"] = np.asarray(history["eval_steps"], np.int32)

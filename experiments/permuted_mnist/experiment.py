@@ -31,6 +31,8 @@ from experiments.common import checkpoint as checkpoint_lib
 from experiments.common import files
 from experiments.permuted_mnist import config as config_lib
 from experiments.permuted_mnist import loop
+from experiments.permuted_mnist import methods as methods_lib
+from experiments.permuted_mnist import monitor as monitor_lib
 from experiments.permuted_mnist import results as results_lib
 from experiments.permuted_mnist import steps
 from experiments.permuted_mnist import stream as stream_lib
@@ -85,13 +87,22 @@ def _log_result(result, source: str) -> None:
               m["val_acc"], source)
 
 
-def _run_one(config, workdir, stream, method, lam, seed, on_chunk):
+def _monitor(live, config, method, points, batched=False):
+  if live is None:
+    return contextlib.nullcontext()
+  return contextlib.closing(
+      live.open(config, methods_lib.get(method), points, batched=batched))
+
+
+def _run_one(config, workdir, stream, method, lam, seed, on_chunk, live):
   """One checkpointed run; a divergence says what was kept."""
   ckpt_dir = (workdir / workdir_lib.CHECKPOINTS
               / checkpoint_lib.run_name(method, lam, seed))
   try:
-    output = loop.run(config, stream, method, [(lam, seed)],
-                      checkpoint_dir=ckpt_dir, on_chunk=on_chunk)
+    with _monitor(live, config, method, [(lam, seed)]) as monitor:
+      output = loop.run(config, stream, method, [(lam, seed)],
+                        checkpoint_dir=ckpt_dir, on_chunk=on_chunk,
+                        monitor=monitor)
   except loop.TrainingDiverged as e:
     kept = sorted(int(p.name) for p in ckpt_dir.glob("*") if p.name.isdigit())
     where = (f"its last good checkpoint (step {kept[-1]}) is kept in "
@@ -102,7 +113,7 @@ def _run_one(config, workdir, stream, method, lam, seed, on_chunk):
   return output, ckpt_dir
 
 
-def _run_all(config, workdir, dataset, info, done, out, on_chunk):
+def _run_all(config, workdir, dataset, info, done, out, on_chunk, live):
   """Runs (or reads back) every (seed, method, lam) run, in order."""
   for seed in config.seeds:
     stream = None
@@ -114,7 +125,7 @@ def _run_all(config, workdir, dataset, info, done, out, on_chunk):
           if stream is None:  # only for seeds with runs left to do
             stream = make_stream(config, dataset, seed)
           output, ckpt_dir = _run_one(config, workdir, stream, method, lam,
-                                      seed, on_chunk)
+                                      seed, on_chunk, live)
           result = output.results[0]
           out["params"][(method, float(lam), seed)] = output.params
           source = f"{result.time_s:.1f} s"
@@ -128,15 +139,18 @@ def _run_all(config, workdir, dataset, info, done, out, on_chunk):
           shutil.rmtree(ckpt_dir, ignore_errors=True)
 
 
-def _run_groups(config, workdir, dataset, info, data_seed, out):
+def _run_groups(config, workdir, dataset, info, data_seed, out, live):
   """Each method's sweep (of one seed, or of all on one stream) vmapped."""
   groups = ([(seed, (seed,)) for seed in config.seeds] if data_seed is None
             else [(data_seed, tuple(config.seeds))])
   for stream_seed, seeds in groups:
     stream = make_stream(config, dataset, stream_seed)
     for method in config.methods:
-      output = loop.run_sweep(config, stream, method, config.lams(method),
-                              seeds, data_seed=stream_seed)
+      points = [(lam, seed) for seed in seeds  # seed-major, as run_sweep
+                for lam in config.lams(method)]
+      with _monitor(live, config, method, points, batched=True) as monitor:
+        output = loop.run(config, stream, method, points, batched=True,
+                          data_seed=stream_seed, monitor=monitor)
       for k, result in enumerate(output.results):
         out["params"][(method, result.lam, result.seed)] = jax.tree.map(
             lambda x, k=k: x[k], output.params)
@@ -152,7 +166,8 @@ def train_and_evaluate(config: config_lib.Config, workdir: Any, *,
                        dataset: Optional[data_lib.Dataset] = None,
                        resume: bool = False, vmap: bool = False,
                        data_seed: Optional[int] = None,
-                       on_chunk: Optional[loop.ChunkHook] = None
+                       on_chunk: Optional[loop.ChunkHook] = None,
+                       live: Optional[monitor_lib.LiveMetrics] = None
                        ) -> dict[str, Any]:
   """Runs every method, lambda and seed of ``config``; writes the results.
 
@@ -170,6 +185,8 @@ def train_and_evaluate(config: config_lib.Config, workdir: Any, *,
       every seed, so that lambdas x seeds form one program.
     on_chunk: a test hook called after every training chunk
       (:func:`loop.run`).
+    live: live metrics (TensorBoard, W&B), one run each
+      (:mod:`monitor`); ``None``: none.
 
   Returns:
     The summary (as in ``summary.json``) plus ``"results"`` (every
@@ -192,14 +209,14 @@ def train_and_evaluate(config: config_lib.Config, workdir: Any, *,
       {"data_seed": data_seed} if vmap else None)
   out = {"results": [], "params": {}}
   if vmap:
-    _run_groups(config, workdir, dataset, info, data_seed, out)
+    _run_groups(config, workdir, dataset, info, data_seed, out, live)
   else:
     mesh = steps.data_mesh(config)
     if mesh is not None:
       logger.info("data parallel: each mini-batch sharded over %d devices "
                   "(%s)", mesh.size, jax.devices()[0].platform)
     with jax.set_mesh(mesh) if mesh is not None else contextlib.nullcontext():
-      _run_all(config, workdir, dataset, info, done, out, on_chunk)
+      _run_all(config, workdir, dataset, info, done, out, on_chunk, live)
   summary = results_lib.write_results(workdir, config, info, out["results"],
                                       final=True)
   if not config.keep_checkpoints:

@@ -88,9 +88,10 @@ class _Run:
   """One run (or group of members) through its phases; see :func:`run`."""
 
   def __init__(self, config, stream, method, points, batched, progress,
-               on_chunk):
+               on_chunk, monitor=None):
     self.config, self.stream, self.method = config, stream, method
     self.points, self.progress, self.on_chunk = points, progress, on_chunk
+    self.monitor = monitor
     self.ops = ops_lib.Ops(batched, method)
     self.timer = timing_lib.PhaseTimer()
     self.start_time = time.perf_counter()
@@ -108,6 +109,7 @@ class _Run:
     else:
       self.splits = list(stream.train)
       self.totals = [steps_per_task(config, s.n) for s in self.splits]
+    self.first_step = np.cumsum([0] + self.totals)  # of each phase, overall
     self.ckpt, self.record, self.base_time = None, None, 0.0
 
   def desc(self, t: int) -> str:
@@ -132,7 +134,12 @@ class _Run:
       self.base_time = self.record.time_s
       logger.info("%s: resuming from its checkpoint at task %d, step %d",
                   self.label, self.record.task + 1, self.record.step)
+      if self.monitor is not None:
+        self.monitor.start(int(self.first_step[self.record.task])
+                           + self.record.step)
       return
+    if self.monitor is not None:
+      self.monitor.start(0)
     num, k = self.stream.num_tasks, len(self.points)
     self.record = checkpointing.Record(
         R=np.zeros([k, num, num]), R_val=np.zeros([k, num, num]),
@@ -176,6 +183,8 @@ class _Run:
             "learning rate or lambda, or check the data.")
       for k, value in enumerate(loss):
         losses[k].append(float(value))
+      if self.monitor is not None:
+        self.monitor.loss(int(self.first_step[t]) + b, loss)
 
   def train_phase(self, t: int, start: int, losses) -> list[list[float]]:
     """Trains phase ``t`` from step ``start``; returns its chunk losses."""
@@ -226,13 +235,17 @@ class _Run:
       else:
         matrix[:, t] = acc
     last = t == self.stream.num_tasks - 1
-    if self.method.importance is None or self.method.joint or last:
-      return
-    with self.timer.phase("fisher"):
-      key = self.ops.fold_in(self.ops.fold_in(self.key, t), 1)
-      self.state = jax.block_until_ready(ops_lib.consolidate(
-          self.method, self.config, self.graphdef, self.state,
-          self.stream.tasks[t], key, batched=self.ops.batched))
+    before = self.state
+    fold = not (self.method.importance is None or self.method.joint or last)
+    if fold:
+      with self.timer.phase("fisher"):
+        key = self.ops.fold_in(self.ops.fold_in(self.key, t), 1)
+        self.state = jax.block_until_ready(ops_lib.consolidate(
+            self.method, self.config, self.graphdef, self.state,
+            self.stream.tasks[t], key, batched=self.ops.batched))
+    if self.monitor is not None:
+      self.monitor.task_end(t, self.record.R[:, t], self.record.R_val[:, t],
+                            before, self.state if fold else None)
 
   def train(self) -> None:
     """Every phase from where the record stands."""
@@ -266,7 +279,8 @@ def run(config: config_lib.Config, stream: stream_lib.Stream, method: str,
         points: Sequence[tuple[float, int]], *, batched: bool = False,
         data_seed: Optional[int] = None, checkpoint_dir: Any = None,
         progress: Optional[bool] = None,
-        on_chunk: Optional[ChunkHook] = None) -> RunOutput:
+        on_chunk: Optional[ChunkHook] = None,
+        monitor: Any = None) -> RunOutput:
   """Trains ``method`` through the task sequence, evaluating every task.
 
   Args:
@@ -286,6 +300,8 @@ def run(config: config_lib.Config, stream: stream_lib.Stream, method: str,
       checkpoint found (mid-task included); ``None``: no checkpoints.
     progress: show progress bars (default ``config.progress``).
     on_chunk: called with the number of steps after every chunk.
+    monitor: live metrics (a :class:`monitor.Monitor`): started, then
+      given every chunk's losses and every task's accuracies.
 
   Returns:
     The :class:`RunOutput`; ``time_s`` and ``timing`` include the time
@@ -303,7 +319,8 @@ def run(config: config_lib.Config, stream: stream_lib.Stream, method: str,
         f"points must hold one (lam, seed) (several with batched=True); got "
         f"{points}.")
   progress = config.progress if progress is None else progress
-  runner = _Run(config, stream, spec, points, batched, progress, on_chunk)
+  runner = _Run(config, stream, spec, points, batched, progress, on_chunk,
+                monitor)
   if checkpoint_dir is not None:
     runner.ckpt = checkpointing.RunCheckpointer(
         checkpoint_dir, config, method, points,

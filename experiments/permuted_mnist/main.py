@@ -26,13 +26,16 @@ config saved in RUN_DIR; flags given with it must agree with that config
 (only ``--no-progress`` and ``--keep-checkpoints`` may differ):
   python -m experiments.permuted_mnist --out runs/a      # killed midway
   python -m experiments.permuted_mnist --resume runs/a
+
+``--logdir DIR`` writes live TensorBoard curves (``tensorboard --logdir
+DIR``), one subdirectory per run; ``--wandb`` sends them to Weights & Biases
+(needs ``wandb``).
 """
 
 import argparse
 import dataclasses
 import logging
 import sys
-import typing
 from typing import Annotated, Any, Optional, Sequence
 
 import tyro
@@ -41,6 +44,7 @@ from experiments.common import cli
 from experiments.permuted_mnist import config as config_lib
 from experiments.permuted_mnist import experiment
 from experiments.permuted_mnist import loop
+from experiments.permuted_mnist import monitor
 from experiments.permuted_mnist import stream as stream_lib
 from experiments.permuted_mnist import workdir as workdir_lib
 
@@ -62,8 +66,7 @@ class Flags:
       checkpointed).
     data_seed: with --vmap: one task stream from this seed, so that lambdas
       x seeds train in one program.
-    quiet: only warnings and errors.
-    verbose: debug messages too.
+    output: messages and live metrics (--quiet, --logdir, --wandb, ...).
   """
 
   config: Annotated[config_lib.Config, tyro.conf.arg(name="")]
@@ -72,14 +75,8 @@ class Flags:
   resume: Optional[str] = None
   vmap: bool = False
   data_seed: Optional[int] = None
-  quiet: bool = False
-  verbose: bool = False
-
-
-def _list_flags() -> list[str]:
-  hints = typing.get_type_hints(config_lib.Config)
-  return ["--" + name.replace("_", "-") for name, kind in hints.items()
-          if typing.get_origin(kind) is tuple]
+  output: Annotated[cli.OutputFlags, tyro.conf.arg(name="")] = (
+      cli.OutputFlags())
 
 
 def set_to_flags(assignments: Sequence[str]) -> list[str]:
@@ -154,7 +151,8 @@ def parse(argv: Sequence[str]) -> tuple[Flags, config_lib.Config]:
   rest = [ALIASES.get(w.partition("=")[0], w.partition("=")[0])
           + w.partition("=")[1] + w.partition("=")[2] if w.startswith("--")
           else w for w in rest]
-  rest = cli.split_commas(rest + set_to_flags(known.set), _list_flags())
+  rest = cli.split_commas(rest + set_to_flags(known.set),
+                          cli.list_flags(config_lib.Config))
   if known.resume is not None and known.preset is None:
     base = workdir_lib.saved_config(known.resume)
   else:
@@ -199,12 +197,19 @@ def main(argv: Optional[Sequence[str]] = None, *,
   argv = sys.argv[1:] if argv is None else list(argv)
   try:
     flags, config = parse(argv)
+    flags.output.check()  # a missing wandb fails before any work
     workdir = _workdir(flags, config)
-  except (ValueError, FileExistsError, FileNotFoundError) as e:
+  except (ValueError, ImportError, FileExistsError, FileNotFoundError) as e:
     print(f"{PROG}: error: {e}", file=sys.stderr)
     raise SystemExit(2) from None
-  with cli.logging_to_stdout(quiet=flags.quiet, verbose=flags.verbose):
+  with flags.output.logging():
     return _run(flags, config, workdir, on_chunk)
+
+
+def _live(flags: Flags, workdir: Any) -> Optional[monitor.LiveMetrics]:
+  live = flags.output.live()
+  return None if live is None else monitor.LiveMetrics(**live,
+                                                       group=str(workdir))
 
 
 def _run(flags: Flags, config: config_lib.Config, workdir: Any,
@@ -218,7 +223,8 @@ def _run(flags: Flags, config: config_lib.Config, workdir: Any,
     summary = experiment.train_and_evaluate(
         config, workdir, overwrite=flags.overwrite,
         resume=bool(flags.resume), vmap=flags.vmap,
-        data_seed=flags.data_seed, on_chunk=on_chunk)
+        data_seed=flags.data_seed, on_chunk=on_chunk,
+        live=_live(flags, workdir))
   except (stream_lib.DataError, loop.TrainingDiverged) as e:
     print(f"error: {e}", file=sys.stderr)
     return 1

@@ -1,0 +1,224 @@
+"""Data in chunks: batches, padding, label checks and per-backend plans.
+
+Every Fisher pass works through its data in chunks of one shape, so that its
+step compiles once. Arrays are taken by the one-program pass (all chunks in
+one ``fori_loop`` on the device, see ``fisher.py``); iterables of batches
+(streams) are cut into chunks here, one compiled step per chunk. Padding
+repeats a real example (row 0 of the batch) and a mask removes it with
+``jnp.where``: a model undefined at zero input (``x / ||x||``) then never
+sees a zero row, and a non-finite value in a padded row cannot leak into the
+sum.
+
+How large a chunk is depends on the backend. XLA:CPU is fastest with chunks
+of a few hundred examples cut into cache-sized sub-chunks (64 for the
+layer-wise path) and groups of 8 per-example gradients summed by an
+unrolled loop. A GPU or TPU is fastest with thousands of examples at once,
+so that the layer-wise path is a few large matrix products
+``(x^2)^T (delta^2)``; only memory bounds the chunk there.
+"""
+
+import dataclasses
+import math
+import numbers
+from typing import Any, Iterator, Optional
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+from ewc_jax._src import tree as tree_lib
+
+CPU_CHUNK = 256  # tuned on a 2-core XLA:CPU (see BENCHMARKS.md)
+CPU_SUB_CHUNK = 64
+CPU_GROUP = 8
+ACCEL_MAX_CHUNK = 8192
+ACCEL_MIN_CHUNK = 16
+MEMORY_BUDGET = 2**30  # bytes of per-chunk temporaries on an accelerator
+
+
+@dataclasses.dataclass(frozen=True)
+class ChunkPlan:
+  """How a Fisher pass cuts its data (static: part of the compiled step).
+
+  Attributes:
+    chunk: examples per chunk (one loop iteration, or one step of a stream).
+    sub_chunk: the layer-wise path's examples per sub-chunk of a chunk.
+    group: the vmap path's examples per group of per-example gradients.
+    unroll: sum a group's squares by an unrolled loop (fuses on XLA:CPU)
+      rather than by a reduction over the example axis.
+  """
+  chunk: int
+  sub_chunk: int
+  group: int
+  unroll: bool
+
+
+def positive_int(name: str, value: Any) -> int:
+  """``value`` as an int (NumPy integers accepted), else a ValueError."""
+  if isinstance(value, bool) or not isinstance(value, numbers.Integral) or (
+      value < 1):
+    raise ValueError(f"{name} must be a positive int, got {value!r}.")
+  return int(value)
+
+
+def divisor_at_most(n: int, most: int) -> int:
+  """The largest divisor of ``n`` that is at most ``most``."""
+  return max(g for g in range(1, min(most, n) + 1) if n % g == 0)
+
+
+def round_up(n: int, multiple: int) -> int:
+  return -(-n // multiple) * multiple
+
+
+def plan_chunks(batch_size: Optional[int], num_examples: Optional[int], *,
+                example_bytes: int, backend: Optional[str] = None,
+                budget: int = MEMORY_BUDGET) -> ChunkPlan:
+  """The chunking of a pass for ``backend`` (default: JAX's default backend).
+
+  Args:
+    batch_size: the caller's chunk size, or ``None`` for automatic.
+    num_examples: examples in the data when known (arrays), else ``None``.
+    example_bytes: estimated temporaries per example of the chosen path.
+    backend: ``"cpu"``, ``"gpu"``, ``"tpu"``; ``None`` asks JAX.
+    budget: bytes of temporaries one chunk may use on an accelerator.
+
+  Returns:
+    A :class:`ChunkPlan`. An automatic chunk never exceeds the data (rounded
+    up to a multiple of 8), and on an accelerator the chunks are balanced so
+    that the last one is nearly full.
+  """
+  backend = backend or jax.default_backend()
+  cpu = backend == "cpu"
+  if batch_size is not None:
+    chunk = positive_int("batch_size", batch_size)
+  elif cpu:
+    chunk = CPU_CHUNK
+  else:
+    most = max(ACCEL_MIN_CHUNK, min(ACCEL_MAX_CHUNK,
+                                    budget // max(example_bytes, 1)))
+    chunk = 2 ** int(math.log2(most))
+    if num_examples is not None:  # balanced chunks: little padding
+      pieces = -(-num_examples // chunk)
+      chunk = round_up(-(-num_examples // pieces), 8)
+  if batch_size is None and num_examples is not None:
+    chunk = min(chunk, round_up(num_examples, 8))
+  if cpu:
+    return ChunkPlan(chunk, divisor_at_most(chunk, CPU_SUB_CHUNK),
+                     divisor_at_most(chunk, CPU_GROUP), True)
+  return ChunkPlan(chunk, chunk, chunk, False)
+
+
+def is_batch(data: Any) -> bool:
+  """A batch is a tuple, dict or array whose leaves are all arrays."""
+  if isinstance(data, (list, Iterator)) or not isinstance(
+      data, (tuple, dict)) and not hasattr(data, "shape"):
+    return False
+  leaves = jax.tree.leaves(data)
+  return bool(leaves) and all(hasattr(x, "shape") for x in leaves)
+
+
+def batches(data: Any, name: str) -> Iterator[Any]:
+  """Yields the batches of `data`: one array pytree, or an iterable of them."""
+  if is_batch(data):
+    yield data
+    return
+  try:
+    it = iter(data)
+  except TypeError:
+    raise ValueError(
+        f"{name} must be a tuple of arrays or an iterable of such batches; "
+        f"got {type(data).__name__}.") from None
+  for batch in it:
+    if not is_batch(batch):
+      raise ValueError(
+          f"each batch of {name} must be a tuple (or dict) of arrays with a "
+          f"leading example axis; got {type(batch).__name__}.")
+    yield batch
+
+
+def leading_size(batch: Any, name: str) -> int:
+  """The common leading (example) axis of every array in ``batch``."""
+  sizes = {jnp.shape(x)[0] if jnp.ndim(x) else None
+           for x in jax.tree.leaves(batch)}
+  if None in sizes or len(sizes) != 1:
+    raise ValueError(
+        f"every array in a batch of {name} needs the same leading (example) "
+        f"axis; got leading sizes {sorted(s for s in sizes if s is not None)}"
+        f"{' and a scalar' if None in sizes else ''}.")
+  return sizes.pop()
+
+
+def pad_rows(x, size: int):
+  """``x`` padded to ``size`` rows by repeating its row 0 (a real example)."""
+  n = x.shape[0]
+  if n == size:
+    return x
+  lib = jnp if isinstance(x, jax.Array) else np
+  return lib.concatenate([x, lib.repeat(x[:1], size - n, axis=0)])
+
+
+def chunks(data: Any, batch_size: int, num_examples: Optional[int],
+           name: str) -> Iterator[tuple[Any, np.ndarray]]:
+  """Yields ``(chunk, mask)``, each chunk padded to ``batch_size`` examples.
+
+  ``mask`` is a boolean NumPy array: True for real examples.
+  """
+  batch_size = positive_int("batch_size", batch_size)
+  remaining = num_examples
+  for batch in batches(data, name):
+    if remaining is not None and remaining <= 0:
+      return
+    n = leading_size(batch, name)
+    for start in range(0, n, batch_size):
+      take = min(batch_size, n - start)
+      if remaining is not None:
+        take = min(take, remaining)
+      if take <= 0:
+        return
+      chunk = jax.tree.map(
+          lambda x, s=start, t=take: pad_rows(x[s:s + t], batch_size), batch)
+      mask = np.arange(batch_size) < take
+      yield chunk, mask
+      if remaining is not None:
+        remaining -= take
+
+
+def chunk_at(tree: Any, i, size: int, n: int) -> tuple[Any, jax.Array]:
+  """Chunk ``i`` of the first ``n`` rows of ``tree``, inside a jitted loop.
+
+  Rows past ``n`` are replaced by row 0 (a real example) and masked out.
+
+  Returns:
+    ``(chunk, mask)``, ``mask`` a boolean ``[size]``.
+  """
+  idx = i * size + jnp.arange(size)
+  mask = idx < n
+  idx = jnp.where(mask, idx, 0)
+  return jax.tree.map(lambda x: jnp.take(x, idx, axis=0), tree), mask
+
+
+def check_label_shape(labels, name: str = "labels") -> None:
+  """Labels are one class index per example: a 1-D integer array."""
+  shape = jnp.shape(labels)
+  if len(shape) != 1:
+    hint = (" Flatten them with labels.reshape(-1)."
+            if len(shape) == 2 and shape[1] == 1 else "")
+    raise ValueError(
+        f"{name} must be a 1-D array of class indices [N]; got shape "
+        f"{tuple(shape)}.{hint}")
+  dtype = jnp.result_type(labels)
+  if not jnp.issubdtype(dtype, jnp.integer):
+    raise ValueError(f"{name} must be integers (class indices); got dtype "
+                     f"{dtype}.")
+
+
+def check_label_range(low, high, num_classes: int,
+                      name: str = "labels") -> None:
+  """Raises when the (concrete) label range leaves ``[0, num_classes)``."""
+  if not (tree_lib.is_concrete(low) and tree_lib.is_concrete(high)):
+    return
+  low, high = int(low), int(high)
+  if low < 0 or high >= num_classes:
+    raise ValueError(
+        f"{name} must lie in [0, {num_classes}) (the number of logits); got "
+        f"values in [{low}, {high}].")
