@@ -164,8 +164,8 @@ def check_tasks(tasks: Sequence[tasks_lib.Task]) -> None:
       if (x.ndim != 3 or x.shape[1] != x.shape[2]
           or x.shape[1] < data_lib.IMAGE_SHAPE[0]):
         raise DataError(
-            f"{where}: images must have shape [n, 28, 28] (or [n, s, s], "
-            f"s > 28, padded), got {x.shape}.")
+            f"{where}: images must have shape [n, 28, 28], got {x.shape} "
+            "(or [n, s, s] with s > 28: padded, pad_to).")
       if not np.issubdtype(x.dtype, np.floating):
         raise DataError(
             f"{where}: images have dtype {x.dtype}; expected floating point "
