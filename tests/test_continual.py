@@ -160,7 +160,8 @@ def test_batched_is_squared_batch_mean_gradient():
     g = jax.grad(lambda p, batch=batch: jnp.mean(
         jax.vmap(loss_fn, in_axes=(None, 0))(p, batch)))(params)
     # Weighted by batch size: the short batch counts for what it holds.
-    squares.append(jax.tree.map(lambda gi, n=len(batch): n * gi ** 2 / 10, g))
+    n = len(batch)
+    squares.append(jax.tree.map(lambda gi, n=n: n * gi ** 2 / 10, g))
   want = jax.tree.map(lambda *s: sum(s), *squares)
   chex.assert_trees_all_close(got, want, rtol=1e-5)
   per_example = [jax.tree.map(jnp.square, jax.grad(loss_fn)(params, z))

@@ -119,9 +119,16 @@ def test_existing_run_dir_is_refused_without_overwrite(tmp_path, capsys):
   assert exit_info.value.code == 2
   assert "not empty" in capsys.readouterr().err
   assert (tmp_path / "old.json").read_text() == "{}"
-  # With --overwrite the run goes ahead.
+  # --overwrite replaces only the runner's files: a user's file is named,
+  # never deleted.
+  with pytest.raises(FileExistsError, match="also holds 1 other.*old.json"):
+    experiment.train_and_evaluate(_tiny(methods=("finetune",)), tmp_path,
+                                  overwrite=True)
+  assert (tmp_path / "old.json").read_text() == "{}"
+  (tmp_path / "old.json").unlink()
+  experiment.train_and_evaluate(_tiny(methods=("finetune",)), tmp_path)
   experiment.train_and_evaluate(_tiny(methods=("finetune",)), tmp_path,
-                       overwrite=True)
+                                overwrite=True)
   assert (tmp_path / "summary.json").exists()
 
 

@@ -57,13 +57,16 @@ def test_perfect_memory_has_no_forgetting():
   assert metrics.acc(R_keep) == 1.0
 
 
-def test_single_task_is_zero():
+def test_single_task_has_no_transfer_metrics():
+  # BWT, FWT and forgetting need a second task: undefined, not 0 (issue 14);
+  # the single functions keep returning 0.0.
   assert metrics.summarize([[0.7]], [0.1]) == {
     "acc": 0.7,
-    "bwt": 0.0,
-    "forgetting": 0.0,
-    "fwt": 0.0,
+    "bwt": None,
+    "forgetting": None,
+    "fwt": None,
   }
+  assert metrics.bwt([[0.7]]) == 0.0
   np.testing.assert_allclose(metrics.average_accuracy_curve([[0.7]]), [0.7])
 
 

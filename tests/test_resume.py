@@ -285,8 +285,10 @@ def test_overwrite_clears_old_checkpoints_and_keep_keeps_final_ones(tmp_path):
   experiment.train_and_evaluate(config, tmp_path, dataset=_dataset(),
                                 overwrite=True,
                        )
-  steps = [p.name for p in (stale.parent).iterdir()]
-  assert steps == ["48"]  # the end of task 3 (3 x 16 steps), not 999
+  steps = sorted(int(p.name) for p in (stale.parent).iterdir())
+  # The last two (a damaged one has one to fall back to): the end of task 3
+  # (3 x 16 steps) and the last one within it; never the stale 999.
+  assert steps == [47, 48]
 
 
 def test_sigkill_mid_task_then_resume_matches_an_uninterrupted_run(tmp_path):

@@ -37,7 +37,8 @@ def test_mas_feeds_consolidate():
   opt = optax.chain(ewc_jax.ewc(1.0), optax.sgd(1.0))
   state = ewc_jax.consolidate(opt.init(params), params, omega)
   np.testing.assert_allclose(ewc_jax.penalty(
-      {"w": jnp.zeros((2, 2))}, state, lam=1.0), 0.5 * np.sum(omega["w"]), rtol=1e-6)
+      {"w": jnp.zeros((2, 2))}, state, lam=1.0), 0.5 * np.sum(omega["w"]),
+      rtol=1e-6)
 
 
 def test_mas_bad_input():

@@ -27,10 +27,11 @@ with operands of both kinds (``dot_general``, ``conv_general_dilated``,
 both are inlined; a ``custom_jvp``/``custom_vjp`` call that mixes both (a
 straight-through estimator, say) has a derivative rule of its own that
 inlining would ignore, so such a model falls back to the vmap path. A zero
-perturbation added to each layer output gives the output gradients ``delta`` by one VJP; the recorded layer inputs give the
-rest. Tracing the jaxpr rather than asking the model to ``sow`` or
-``perturb`` (Flax) or matching graph patterns (kfac-jax) works for any
-``apply_fn``: NNX, Linen or plain functions, with no change to the model.
+perturbation added to each layer output gives the output gradients
+``delta`` by one VJP; the recorded layer inputs give the rest. Tracing the
+jaxpr rather than asking the model to ``sow`` or ``perturb`` (Flax) or
+matching graph patterns (kfac-jax) works for any ``apply_fn``: NNX, Linen or
+plain functions, with no change to the model.
 
 The Fisher's estimator enters only through output cotangents: for
 ``K`` cotangent vectors ``u_k`` with weights ``w_k`` per example (``K = C``

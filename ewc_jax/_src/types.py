@@ -10,9 +10,10 @@ import jax
 
 # How the diagonal Fisher is estimated (see ewc_jax.fisher_diagonal):
 # "exact" sums over all classes weighted by the model's p(y|x), "sampled"
-# draws y from p(.|x), "empirical" uses the data label, "batched" squares a
+# draws y from p(.|x), "empirical" uses the data label, "predicted" the
+# model's own argmax label (van de Ven & Tolias 2019), "batched" squares a
 # mini-batch mean gradient.
-Estimator = Literal["exact", "sampled", "empirical", "batched"]
+Estimator = Literal["exact", "sampled", "empirical", "predicted", "batched"]
 ESTIMATOR_NAMES: tuple[str, ...] = get_args(Estimator)
 
 # How ewc_jax.consolidate folds a finished task in: "separate" keeps one

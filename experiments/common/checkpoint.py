@@ -16,10 +16,18 @@ Writes are atomic: orbax writes a step into ``<step>.orbax-checkpoint-tmp``
 and renames it once complete, and deletes the previous step only after that.
 A process killed mid-write leaves the previous checkpoint intact; the
 half-written directory is removed when the run is resumed.
+
+Damage. Files can still be truncated, overwritten or deleted later. Reading
+a damaged checkpoint raises :class:`CheckpointDamaged` (one line, never an
+orbax traceback), so that a caller can fall back to an older step; keep two
+(``max_to_keep=2``) to have one. A failed write (a full disk, a read-only
+directory) raises :class:`CheckpointWriteError`, an ``OSError``.
 """
 
+import contextlib
+import logging
 import pathlib
-from typing import Any, Optional
+from typing import Any, Iterator, Optional
 
 import jax
 import numpy as np
@@ -27,6 +35,33 @@ import orbax.checkpoint as ocp
 
 # The layout of ``meta``; bump on incompatible changes.
 FORMAT = 1
+
+
+class CheckpointDamaged(Exception):
+  """A checkpoint step whose files cannot be read (one-line message)."""
+
+
+class CheckpointWriteError(OSError):
+  """A checkpoint that could not be written (disk full, read-only, ...)."""
+
+
+@contextlib.contextmanager
+def quiet_orbax() -> Iterator[None]:
+  """Mutes orbax's own error logs (absl): a damaged file is reported once,
+  in our words."""
+  absl = logging.getLogger("absl")
+  level = absl.level
+  absl.setLevel(logging.CRITICAL)
+  try:
+    yield
+  finally:
+    absl.setLevel(level)
+
+
+def _brief(error: BaseException) -> str:
+  """The first line of an error, with its type: orbax's run to pages."""
+  lines = str(error).strip().splitlines()
+  return f"{type(error).__name__}: {lines[0][:200] if lines else ''}"
 
 
 def run_name(method: str, lam: float, seed: int) -> str:
@@ -73,17 +108,28 @@ class RunCheckpoints:
         while they are written.
     """
     self.directory = pathlib.Path(directory).absolute()
-    self._manager = ocp.CheckpointManager(
-        self.directory,
-        options=ocp.CheckpointManagerOptions(
-            max_to_keep=max_to_keep, create=True,
-            cleanup_tmp_directories=True,
-            enable_async_checkpointing=asynchronous),
-        item_names=("state", "meta"))
+    with quiet_orbax():  # it reads every step's metadata, damaged or not
+      self._manager = ocp.CheckpointManager(
+          self.directory,
+          options=ocp.CheckpointManagerOptions(
+              max_to_keep=max_to_keep, create=True,
+              cleanup_tmp_directories=True,
+              enable_async_checkpointing=asynchronous),
+          item_names=("state", "meta"))
 
   def latest_step(self) -> Optional[int]:
     """The step of the newest complete checkpoint, or ``None``."""
     return self._manager.latest_step()
+
+  def all_steps(self) -> list[int]:
+    """The steps of every complete checkpoint, newest first."""
+    with quiet_orbax():
+      return sorted(self._manager.all_steps(), reverse=True)
+
+  def delete(self, step: int) -> None:
+    """Removes one step (e.g. a damaged one that a run falls back from)."""
+    with quiet_orbax():
+      self._manager.delete(step)
 
   def save(self, step: int, arrays: dict[str, np.ndarray],
            meta: dict[str, Any]) -> None:
@@ -94,21 +140,28 @@ class RunCheckpoints:
       arrays: host arrays, from :func:`flatten`.
       meta: JSON-ready values.
     """
-    saved = self._manager.save(
-        step, args=ocp.args.Composite(
-            state=ocp.args.StandardSave(arrays),
-            meta=ocp.args.JsonSave({"format": FORMAT, **meta})),
-        force=True)
+    try:
+      saved = self._manager.save(
+          step, args=ocp.args.Composite(
+              state=ocp.args.StandardSave(arrays),
+              meta=ocp.args.JsonSave({"format": FORMAT, **meta})),
+          force=True)
+    except Exception as e:  # noqa: BLE001 (orbax/tensorstore raise many)
+      raise CheckpointWriteError(
+          f"cannot write checkpoint step {step} in {self.directory} "
+          f"({_brief(e)})") from None
     if not saved:
       raise RuntimeError(
           f"orbax skipped checkpoint step {step} in {self.directory}.")
 
-  def restore(self, like: Any) -> tuple[Any, dict[str, Any]]:
-    """Reads the latest checkpoint into a tree shaped like ``like``.
+  def restore(self, like: Any, step: Optional[int] = None
+              ) -> tuple[Any, dict[str, Any]]:
+    """Reads a checkpoint into a tree shaped like ``like``.
 
     Args:
       like: a pytree of arrays with the structure, shapes and dtypes of the
         saved one (e.g. a freshly initialised state).
+      step: the step to read (default: the latest).
 
     Returns:
       ``(tree, meta)``: the saved arrays (as ``jax.Array``) in ``like``'s
@@ -116,15 +169,18 @@ class RunCheckpoints:
 
     Raises:
       FileNotFoundError: there is no complete checkpoint.
+      CheckpointDamaged: the step's files cannot be read.
       ValueError: the checkpoint holds other arrays than ``like`` (another
         model or optimiser), naming the first difference.
     """
-    self._manager.wait_until_finished()
-    step = self._manager.latest_step()
+    self.wait()
+    step = self._manager.latest_step() if step is None else step
     if step is None:
       raise FileNotFoundError(f"no checkpoint in {self.directory}.")
-    meta = self._manager.restore(
-        step, args=ocp.args.Composite(meta=ocp.args.JsonRestore()))["meta"]
+    meta = self._read(step, meta=ocp.args.JsonRestore())["meta"]
+    if not isinstance(meta, dict) or not isinstance(meta.get("paths"), list):
+      raise CheckpointDamaged(
+          f"checkpoint {self.directory}/{step}: its metadata is damaged.")
     if meta.get("format") != FORMAT:
       raise ValueError(
           f"checkpoint {self.directory}/{step} has format "
@@ -138,9 +194,7 @@ class RunCheckpoints:
     # numpy targets: orbax restores host arrays, placed on the device below.
     target = {f"{i:04d}": np.empty(np.shape(leaf), _dtype(leaf))
               for i, (_, leaf) in enumerate(leaves)}
-    arrays = self._manager.restore(
-        step, args=ocp.args.Composite(
-            state=ocp.args.StandardRestore(target)))["state"]
+    arrays = self._read(step, state=ocp.args.StandardRestore(target))["state"]
     for i, path in enumerate(paths):
       got, want = arrays[f"{i:04d}"], target[f"{i:04d}"]
       if got.shape != want.shape or got.dtype != want.dtype:
@@ -153,13 +207,41 @@ class RunCheckpoints:
                   for i in range(len(paths))])
     return tree, meta
 
+  def _read(self, step: int, **items: Any) -> Any:
+    """orbax's restore of ``items``; any failure is one-line damage."""
+    try:
+      with quiet_orbax():
+        return self._manager.restore(step, args=ocp.args.Composite(**items))
+    except Exception as e:  # noqa: BLE001 (orbax/tensorstore raise many)
+      raise CheckpointDamaged(
+          f"checkpoint {self.directory}/{step} is damaged or incomplete "
+          f"({_brief(e)})") from None
+
   def wait(self) -> None:
-    """Blocks until a background write has finished."""
-    self._manager.wait_until_finished()
+    """Blocks until a background write has finished.
+
+    Raises:
+      CheckpointWriteError: the write failed.
+    """
+    try:
+      self._manager.wait_until_finished()
+    except Exception as e:  # noqa: BLE001
+      raise CheckpointWriteError(
+          f"cannot write a checkpoint in {self.directory} ({_brief(e)})"
+      ) from None
 
   def close(self) -> None:
-    """Finishes pending writes and releases orbax's threads."""
-    self._manager.close()
+    """Finishes pending writes and releases orbax's threads.
+
+    Raises:
+      CheckpointWriteError: a pending write failed.
+    """
+    try:
+      self._manager.close()
+    except Exception as e:  # noqa: BLE001
+      raise CheckpointWriteError(
+          f"cannot write a checkpoint in {self.directory} ({_brief(e)})"
+      ) from None
 
 
 def _dtype(x: Any) -> np.dtype:

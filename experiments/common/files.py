@@ -13,9 +13,11 @@ from typing import Any, Sequence
 def write_atomic(path: Any, data: Any) -> None:
   """Writes ``data`` (str or bytes) to ``path`` atomically.
 
-  The data goes to a temporary file in the same directory, which then
-  replaces ``path`` with ``os.replace``: a reader (or a crash) never sees half
-  a file.
+  The data goes to a temporary file in the same directory, which is flushed
+  to disk (``fsync``) and then replaces ``path`` with ``os.replace``; the
+  directory is synced after the rename. A reader, a crash or a power loss
+  never sees half a file: after a power loss ``path`` holds either the old
+  or the new data.
 
   Args:
     path: the destination.
@@ -28,12 +30,33 @@ def write_atomic(path: Any, data: Any) -> None:
   try:
     with os.fdopen(fd, mode) as f:
       f.write(data)
+      f.flush()
+      os.fsync(f.fileno())  # the data on disk before the name points at it
     os.chmod(tmp, 0o644)  # mkstemp makes it private
     os.replace(tmp, path)
   except BaseException:
     if os.path.exists(tmp):
       os.unlink(tmp)
     raise
+  sync_directory(path.parent)
+
+
+def sync_directory(directory: Any) -> None:
+  """Flushes a directory's entries (a rename in it) to disk.
+
+  Args:
+    directory: the directory; platforms that cannot open one (Windows) skip.
+  """
+  try:
+    fd = os.open(directory, os.O_RDONLY)
+  except OSError:
+    return
+  try:
+    os.fsync(fd)
+  except OSError:  # some file systems cannot sync a directory
+    pass
+  finally:
+    os.close(fd)
 
 
 def write_json(path: Any, obj: Any) -> None:

@@ -100,7 +100,7 @@ def average_accuracy_curve(R) -> np.ndarray:
   return np.array([R[i, : i + 1].mean() for i in range(len(R))])
 
 
-def summarize(R, b=None) -> dict[str, float]:
+def summarize(R, b=None) -> dict:
   """All scalar metrics of an accuracy matrix.
 
   Args:
@@ -109,8 +109,13 @@ def summarize(R, b=None) -> dict[str, float]:
 
   Returns:
     ``{"acc", "bwt", "forgetting"}`` and ``"fwt"`` when ``b`` is given.
+    With one task BWT, FWT and forgetting are undefined (no earlier or later
+    task): they are ``None`` (``n/a`` in tables, ``null`` in JSON), not 0.
   """
-  summary = {"acc": acc(R), "bwt": bwt(R), "forgetting": forgetting(R)}
+  one = len(_check_matrix(R)) == 1
+  summary = {"acc": acc(R), "bwt": None if one else bwt(R),
+             "forgetting": None if one else forgetting(R)}
   if b is not None:
-    summary["fwt"] = fwt(R, b)
+    fwt_value = fwt(R, b)  # checks b's shape even for one task
+    summary["fwt"] = None if one else fwt_value
   return summary

@@ -4,9 +4,14 @@ The saved tree is ``{"state": State, "key": key_data}`` (stacked over the
 members of a vmapped group); ``meta`` holds the :class:`Record`, the run's
 identity (method, members, data seed) and the resolved config, which a
 restore checks. Files: :mod:`experiments.common.checkpoint` (orbax).
+
+The two latest checkpoints are kept. A restore falls back from a damaged
+one (unreadable files, or arrays holding nan or inf, which training never
+checkpoints) to the one before, and deletes the damaged one.
 """
 
 import dataclasses
+import logging
 from typing import Any, Callable, Optional, Sequence
 
 import jax
@@ -17,8 +22,17 @@ from experiments.permuted_mnist import config as config_lib
 from experiments.permuted_mnist import steps
 
 
+logger = logging.getLogger(__name__)
+
+
 class TrainingDiverged(FloatingPointError):
-  """The training loss (or a state to checkpoint) became nan or inf."""
+  """The training loss (or a state to checkpoint) became nan or inf, or
+  blew up."""
+
+
+class CheckpointError(ValueError):
+  """A checkpoint of another run or config, or none left undamaged (one
+  line, saying how to restart the run)."""
 
 
 @dataclasses.dataclass
@@ -92,7 +106,7 @@ class RunCheckpointer:
   def __init__(self, directory: Any, config: config_lib.Config, method: str,
                points: Sequence[tuple[float, int]], data_seed: int,
                totals: Sequence[int], desc: Callable[[int], str]):
-    self.store = checkpoint_lib.RunCheckpoints(directory)
+    self.store = checkpoint_lib.RunCheckpoints(directory, max_to_keep=2)
     self.config, self.totals, self.desc = config, list(totals), desc
     self.identity = {"method": method,
                      "members": [[float(lam), int(s)] for lam, s in points],
@@ -115,28 +129,72 @@ class RunCheckpointer:
 
   def restore(self, state: steps.State, key: jax.Array
               ) -> Optional[tuple[steps.State, jax.Array, Record]]:
-    """The latest checkpoint, or ``None`` when there is none.
+    """The latest good checkpoint, or ``None`` when there is none.
+
+    A damaged checkpoint is logged, deleted, and the one before it read.
 
     Raises:
-      ValueError: the checkpoint belongs to another run or config.
+      CheckpointError: a checkpoint of another run or config; or every
+        checkpoint is damaged (the message says how to restart the run).
     """
-    if self.store.latest_step() is None:
-      return None
-    tree, meta = self.store.restore(
-        {"state": state, "key": jax.random.key_data(key)})
-    where = f"checkpoint in {self.store.directory}"
+    like = {"state": state, "key": jax.random.key_data(key)}
+    damage = []
+    for step in self.store.all_steps():
+      try:
+        tree, meta = self.store.restore(like, step=step)
+        self._check(meta, step)
+        _check_finite(tree, f"checkpoint {self.store.directory}/{step}")
+      except checkpoint_lib.CheckpointDamaged as e:
+        damage.append(str(e))
+        logger.warning("%s; falling back to the checkpoint before it.", e)
+        self.store.delete(step)
+        continue
+      except CheckpointError:
+        raise
+      except ValueError as e:  # another model or format: not damage
+        raise CheckpointError(
+            f"{e} Delete {self.store.directory} to train this run from its "
+            "start.") from None
+      restored_key = jax.random.wrap_key_data(tree["key"])
+      return (steps.unalias(tree["state"]), restored_key,
+              Record.from_json(meta))
+    if damage:
+      raise CheckpointError(
+          f"{damage[-1]}; no undamaged checkpoint of this run is left. To "
+          f"train this run again from its start, delete "
+          f"{self.store.directory} and resume (finished runs are kept).")
+    return None
+
+  def _check(self, meta: dict[str, Any], step: int) -> None:
+    """Refuses a checkpoint of another run or config (not damage)."""
+    where = f"checkpoint {self.store.directory}/{step}"
+    how = (f"; delete {self.store.directory} to train this run from its "
+           "start, or resume with the run's own config.")
     for name, value in self.identity.items():
       if meta.get(name) != value:
-        raise ValueError(
+        raise CheckpointError(
             f"{where} belongs to another run: {name} {meta.get(name)!r}, "
-            f"expected {value!r}.")
-    saved = config_lib.from_json(meta["config"])
+            f"expected {value!r}{how}")
+    try:
+      saved = config_lib.from_json(meta["config"])
+      Record.from_json(meta)  # every field of the record is readable
+    except (KeyError, TypeError, ValueError) as e:
+      raise checkpoint_lib.CheckpointDamaged(
+          f"{where}: its metadata is damaged ({e!r})") from None
     diff = config_lib.differences(saved, self.config)
     if diff:
-      raise ValueError(
-          f"{where} was made with another config: {describe(diff)}.")
-    restored_key = jax.random.wrap_key_data(tree["key"])
-    return steps.unalias(tree["state"]), restored_key, Record.from_json(meta)
+      raise CheckpointError(
+          f"{where} was made with another config: {describe(diff)}{how}")
 
   def close(self) -> None:
     self.store.close()
+
+
+def _check_finite(tree: Any, where: str) -> None:
+  """A restored state holding nan or inf is damage: none is ever saved."""
+  for path, x in jax.tree_util.tree_flatten_with_path(tree)[0]:
+    x = np.asarray(x)
+    if np.issubdtype(x.dtype, np.inexact) and not np.all(np.isfinite(x)):
+      raise checkpoint_lib.CheckpointDamaged(
+          f"{where} is corrupt: {jax.tree_util.keystr(path)} holds nan or "
+          "inf, which training never checkpoints")

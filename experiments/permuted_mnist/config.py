@@ -32,6 +32,8 @@ from experiments.permuted_mnist import tasks
 
 METHODS = tuple(methods_lib.REGISTRY)
 OPTIMIZERS = ("adam", "sgd")
+# jax.default_matmul_precision values; "default" leaves JAX's own choice.
+MATMUL_PRECISIONS = ("default", "high", "highest")
 # The field holding each regularised method's strength sweep.
 LAM_FIELDS = {m.name: m.lam_field for m in methods_lib.REGISTRY.values()
               if m.lam_field is not None}
@@ -106,6 +108,13 @@ class Config:
       parameters and optimiser state); by default it is deleted once the
       run's results are in ``runs.json``.
     progress: show tqdm progress bars.
+    matmul_precision: ``default`` (the platform's choice: on GPUs float32
+      matmuls may run as TF32, and a vmapped sweep's batched matmuls may
+      pick other algorithms than a single run's, so members differ from
+      their separate runs; docs/scaling.md), ``high`` or ``highest`` (full
+      float32: members agree with separate runs to float32 rounding);
+      applied with ``jax.default_matmul_precision`` around the run. On a
+      CPU every value gives the same results.
   """
 
   preset: str = "quick"
@@ -150,6 +159,7 @@ class Config:
   data_parallel: int = 0
   keep_checkpoints: bool = False
   progress: bool = True
+  matmul_precision: str = "default"
 
   def replace(self, **changes: Any) -> "Config":
     """A copy with ``changes`` applied, validated."""
@@ -265,6 +275,16 @@ def _check_choices(config: Config) -> None:
     raise ValueError(
         f"methods must be a non-empty list from {METHODS}; got "
         f"{list(config.methods)}.")
+  twice = sorted({m for m in config.methods if config.methods.count(m) > 1})
+  if twice:
+    raise ValueError(
+        f"methods lists {', '.join(twice)} more than once "
+        f"({list(config.methods)}); each method runs once per lambda and "
+        "seed: name it once.")
+  if config.matmul_precision not in MATMUL_PRECISIONS:
+    raise ValueError(
+        f"matmul_precision must be one of {MATMUL_PRECISIONS}, got "
+        f"{config.matmul_precision!r}.")
   for field, valid in (("dataset", data.DATASET_NAMES),
                        ("tasks", tasks.TASK_KINDS),
                        ("fisher", ewc_jax.ESTIMATORS)):

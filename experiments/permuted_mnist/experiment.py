@@ -29,6 +29,7 @@ import jax
 from experiments import data as data_lib
 from experiments.common import checkpoint as checkpoint_lib
 from experiments.common import files
+from experiments.permuted_mnist import budget
 from experiments.permuted_mnist import config as config_lib
 from experiments.permuted_mnist import loop
 from experiments.permuted_mnist import methods as methods_lib
@@ -55,35 +56,50 @@ def make_stream(config: config_lib.Config, dataset: data_lib.Dataset,
 
 
 def _open(config, workdir, overwrite, resume, dataset, vmap_info):
-  """Prepares (or checks) ``workdir``; returns it, the data and done runs."""
+  """Prepares (or checks) the locked ``workdir``; returns the data's info
+  and the finished runs of this config."""
   if resume:
-    if overwrite:
-      raise ValueError("resume and overwrite exclude each other.")
-    workdir = pathlib.Path(workdir)
     workdir_lib.check_resume(workdir, config)
-  else:
-    workdir = workdir_lib.prepare_workdir(workdir, overwrite)
-    # An overwritten run's checkpoints must not leak into this one.
-    shutil.rmtree(workdir / workdir_lib.CHECKPOINTS, ignore_errors=True)
-  if dataset is None:
-    dataset = data_lib.load_dataset(config.dataset, config.data_dir)
+  else:  # an overwritten run's files (checkpoints included) go
+    workdir_lib.prepare_workdir(workdir, overwrite)
   info = workdir_lib.dataset_info(dataset)
   done = {}
   if resume:
     workdir_lib.check_same_data(workdir, info)
     done = {(r.method, r.lam, r.seed): r
-            for r in workdir_lib.load_results(workdir)}
+            for r in workdir_lib.load_results(workdir, config, info)}
   header = {"config": config.to_json(), "dataset": info}
   if vmap_info is not None:
     header["vmap"] = vmap_info
   files.write_json(workdir / "config.json", header)
-  return workdir, dataset, info, done
+  return info, done
+
+
+def _before_workdir(config, workdir, overwrite, resume, dataset, vmap,
+                    data_seed):
+  """Everything that can be refused before the run directory is touched:
+  the data (loaded), the memory estimate, the directory itself."""
+  if dataset is None:
+    dataset = data_lib.load_dataset(config.dataset, config.data_dir)
+  members = 1
+  if vmap:
+    members = max(len(config.lams(m)) for m in config.methods) * (
+        1 if data_seed is None else len(config.seeds))
+  budget.check_memory(config, dataset, members)
+  workdir = pathlib.Path(workdir)
+  if resume:
+    workdir_lib.saved_config(workdir)  # a run directory, or one line
+  else:
+    workdir_lib.check_workdir(workdir, overwrite)
+    workdir.mkdir(parents=True, exist_ok=True)
+  return workdir, dataset
 
 
 def _log_result(result, source: str) -> None:
   m = result.metrics()
-  logger.info("%10s lam=%-8g seed=%d  ACC %.4f  BWT %+.4f  val ACC %.4f  (%s)",
-              result.method, result.lam, result.seed, m["acc"], m["bwt"],
+  bwt = "n/a" if m["bwt"] is None else f"{m['bwt']:+.4f}"
+  logger.info("%10s lam=%-8g seed=%d  ACC %.4f  BWT %s  val ACC %.4f  (%s)",
+              result.method, result.lam, result.seed, m["acc"], bwt,
               m["val_acc"], source)
 
 
@@ -107,9 +123,9 @@ def _run_one(config, workdir, stream, method, lam, seed, on_chunk, live):
     kept = sorted(int(p.name) for p in ckpt_dir.glob("*") if p.name.isdigit())
     where = (f"its last good checkpoint (step {kept[-1]}) is kept in "
              f"{ckpt_dir}" if kept else "this run had no checkpoint yet")
-    raise loop.TrainingDiverged(
-        f"{e} Finished runs are in {workdir / 'runs.json'}; {where}."
-    ) from None
+    done = (f"Finished runs are in {workdir / 'runs.json'}; "
+            if (workdir / "runs.json").is_file() else "No run has finished; ")
+    raise loop.TrainingDiverged(f"{e} {done}{where}.") from None
   return output, ckpt_dir
 
 
@@ -194,9 +210,20 @@ def train_and_evaluate(config: config_lib.Config, workdir: Any, *,
     each run trained here, by ``(method, lam, seed)``) and ``"workdir"``.
 
   Raises:
+    experiments.data.DataError: the data cannot be loaded (before the run
+      directory is touched).
+    budget.MemoryBudgetError: the run would not fit in memory (before the
+      run directory is touched).
+    FileExistsError: ``workdir`` is not empty (and not ``overwrite``), or
+      holds files the runner did not write (:func:`workdir.check_workdir`).
+    workdir.RunDirError: another process holds ``workdir``; or, resuming, a
+      config, data or ``runs.json`` row that differs from the saved run.
     stream.DataError: the data cannot be trained on (before any training).
-    loop.TrainingDiverged: a run's loss became nan or inf; the finished
-      runs' results and the failed run's last good checkpoint are kept.
+    loop.TrainingDiverged: a run's loss became nan or inf or blew up; the
+      finished runs' results and the failed run's last good checkpoint are
+      kept.
+    checkpointing.CheckpointError: a checkpoint of another run or config,
+      or damaged with no good one left.
   """
   config = config_lib.validate(config)
   if vmap and resume:
@@ -204,9 +231,20 @@ def train_and_evaluate(config: config_lib.Config, workdir: Any, *,
                      "continue them.")
   if data_seed is not None and not vmap:
     raise ValueError("data_seed needs vmap.")
-  workdir, dataset, info, done = _open(
-      config, workdir, overwrite, resume, dataset,
-      {"data_seed": data_seed} if vmap else None)
+  if resume and overwrite:
+    raise ValueError("resume and overwrite exclude each other.")
+  workdir, dataset = _before_workdir(config, workdir, overwrite, resume,
+                                     dataset, vmap, data_seed)
+  with workdir_lib.locked(workdir):
+    info, done = _open(config, workdir, overwrite, resume, dataset,
+                       {"data_seed": data_seed} if vmap else None)
+    return _train(config, workdir, dataset, info, done, vmap, data_seed,
+                  on_chunk, live)
+
+
+def _train(config, workdir, dataset, info, done, vmap, data_seed, on_chunk,
+           live):
+  """Every run (or vmapped group), then the final result files."""
   out = {"results": [], "params": {}}
   if vmap:
     _run_groups(config, workdir, dataset, info, data_seed, out, live)

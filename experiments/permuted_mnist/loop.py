@@ -17,10 +17,18 @@ each chunk's loss is read back while the next one runs, and checked for nan
 or inf there (at the latest before a checkpoint), so the host never stalls
 the device between chunks.
 
+Divergence. A run also stops, before it overflows to nan, when a chunk's
+mean training loss blows up (:func:`blew_up`): above ``BLOWUP x`` the
+chance-level cross-entropy ``ln C``, or above ``BLOWUP x`` the phase's
+first chunk and ``10 ln C``. A learning run never gets there (its loss
+starts near ``ln C`` and falls); the check only reads the losses, so it
+never changes a result.
+
 Time per phase (compile, train, fisher, eval, checkpoint) is measured with
 :class:`experiments.common.timing.PhaseTimer` and returned with the results.
 """
 
+import contextlib
 import dataclasses
 import logging
 import time
@@ -44,6 +52,26 @@ TrainingDiverged = checkpointing.TrainingDiverged
 # on_chunk(steps): called after every chunk with the steps it ran (a test
 # hook: a crash injected there is a crash between two chunks).
 ChunkHook = Callable[[int], None]
+# A chunk's mean loss this many times its reference means divergence.
+BLOWUP = 100.0
+
+
+def blew_up(loss: float, first: Optional[float], num_classes: int) -> bool:
+  """Whether a chunk's mean cross-entropy ``loss`` shows divergence.
+
+  Args:
+    loss: the chunk's mean training loss.
+    first: the phase's first chunk's mean loss (``None`` for that chunk).
+    num_classes: the outputs ``C``; ``ln C`` is the loss at chance.
+
+  Returns:
+    ``loss > BLOWUP ln C``, or ``loss > BLOWUP first`` and ``loss > 10 ln
+    C``.
+  """
+  chance = np.log(max(num_classes, 2))
+  if loss > BLOWUP * chance:
+    return True
+  return first is not None and loss > BLOWUP * first and loss > 10 * chance
 
 
 @dataclasses.dataclass
@@ -99,6 +127,7 @@ class _Run:
         config, method, stream_lib.num_outputs(stream.tasks), points,
         batched)
     self.key = self.ops.keys(points)
+    self.num_classes = stream_lib.num_outputs(stream.tasks)
     lam, seed = points[0]
     self.label = (f"{method.name} x{len(points)} (vmap)" if batched else
                   f"{method.name}" + (f" lam={lam:g}" if method.lam_field
@@ -181,6 +210,19 @@ class _Run:
         raise TrainingDiverged(
             f"{self.desc(t)}: {what} {where}; training stopped. Lower the "
             "learning rate or lambda, or check the data.")
+      blown = [k for k, value in enumerate(loss) if blew_up(
+          value, losses[k][0] if losses[k] else None, self.num_classes)]
+      if blown:
+        k = blown[0]
+        who = "" if not self.ops.batched else (
+            f" of member(s) (lam, seed) {[self.points[i] for i in blown]}")
+        start = (f"{losses[k][0]:.3g} at the task's start, "
+                 if losses[k] else "")
+        raise TrainingDiverged(
+            f"{self.desc(t)}: the training loss{who} diverged to "
+            f"{loss[k]:.3g} ({start}{np.log(self.num_classes):.3g} at "
+            f"chance) within steps {a + 1}-{b} of {self.totals[t]}; training "
+            "stopped before it overflows. Lower the learning rate or lambda.")
       for k, value in enumerate(loss):
         losses[k].append(float(value))
       if self.monitor is not None:
@@ -309,8 +351,11 @@ def run(config: config_lib.Config, stream: stream_lib.Stream, method: str,
 
   Raises:
     TrainingDiverged: the training loss became nan or inf.
-    ValueError: an unknown method, several points without ``batched``, or
-      a checkpoint of another run or config in ``checkpoint_dir``.
+    ValueError: an unknown method, or several points without ``batched``.
+    checkpointing.CheckpointError: a checkpoint of another run or config in
+      ``checkpoint_dir``, or none left undamaged.
+
+  Every matmul runs at ``config.matmul_precision``.
   """
   spec = methods_lib.get(method)
   points = [(float(lam), int(seed)) for lam, seed in points]
@@ -319,20 +364,35 @@ def run(config: config_lib.Config, stream: stream_lib.Stream, method: str,
         f"points must hold one (lam, seed) (several with batched=True); got "
         f"{points}.")
   progress = config.progress if progress is None else progress
-  runner = _Run(config, stream, spec, points, batched, progress, on_chunk,
-                monitor)
-  if checkpoint_dir is not None:
-    runner.ckpt = checkpointing.RunCheckpointer(
-        checkpoint_dir, config, method, points,
-        points[0][1] if data_seed is None else data_seed, runner.totals,
-        runner.desc)
-  try:
-    runner.start()
-    runner.train()
-  finally:
+  with matmul_precision(config):
+    runner = _Run(config, stream, spec, points, batched, progress, on_chunk,
+                  monitor)
+    if checkpoint_dir is not None:
+      runner.ckpt = checkpointing.RunCheckpointer(
+          checkpoint_dir, config, method, points,
+          points[0][1] if data_seed is None else data_seed, runner.totals,
+          runner.desc)
+    try:
+      runner.start()
+      runner.train()
+    except BaseException:
+      # Ctrl-C or an error: finish pending writes quietly; the error that
+      # stopped the run is the one to report.
+      if runner.ckpt is not None:
+        with contextlib.suppress(Exception):
+          runner.ckpt.close()
+      raise
     if runner.ckpt is not None:
       runner.ckpt.close()
-  return runner.output()
+    return runner.output()
+
+
+def matmul_precision(config: config_lib.Config) -> Any:
+  """``jax.default_matmul_precision`` of ``config.matmul_precision`` (a
+  no-op for ``default``); see docs/scaling.md for why it matters on GPUs."""
+  if config.matmul_precision == "default":
+    return contextlib.nullcontext()
+  return jax.default_matmul_precision(config.matmul_precision)
 
 
 def run_method(config: config_lib.Config, stream: stream_lib.Stream,

@@ -20,9 +20,11 @@ list, used by every regularised method in the run (``ewc``, ``online_ewc``,
 ``--lam ewc=100,1000 --lam si=0.5,1``. The value with the best validation
 accuracy (held out from the training data) is reported.
 
-Every run is checkpointed (after each task, and every ``--checkpoint-every``
-steps if set). ``--resume RUN_DIR`` continues an interrupted experiment with the
-config saved in RUN_DIR; flags given with it must agree with that config
+One process per run directory (a second one is refused). Every run is
+checkpointed (after each task, and every ``--checkpoint-every`` steps if set;
+the two latest are kept, and a damaged one falls back to the one before).
+``--resume RUN_DIR`` continues an interrupted experiment with the config
+saved in RUN_DIR; flags given with it must agree with that config
 (only ``--no-progress`` and ``--keep-checkpoints`` may differ):
   python -m experiments.permuted_mnist --out runs/a      # killed midway
   python -m experiments.permuted_mnist --resume runs/a
@@ -35,12 +37,17 @@ DIR``), one subdirectory per run; ``--wandb`` sends them to Weights & Biases
 import argparse
 import dataclasses
 import logging
+import pathlib
+import shutil
 import sys
 from typing import Annotated, Any, Optional, Sequence
 
 import tyro
 
+from experiments import data as data_lib
 from experiments.common import cli
+from experiments.permuted_mnist import budget
+from experiments.permuted_mnist import checkpointing
 from experiments.permuted_mnist import config as config_lib
 from experiments.permuted_mnist import experiment
 from experiments.permuted_mnist import loop
@@ -59,8 +66,9 @@ class Flags:
 
   Attributes:
     config: every field of the experiment's configuration.
-    out: run directory (default runs/PRESET-TIME).
-    overwrite: allow a non-empty run directory.
+    out: run directory (default runs/PRESET-TIME-PID, a new one per run).
+    overwrite: replace a previous run's files in --out (refused when it
+      holds files the runner did not write).
     resume: continue the interrupted experiment in this RUN_DIR.
     vmap: train each method's lambdas as one vmapped program (not
       checkpointed).
@@ -165,7 +173,13 @@ def parse(argv: Sequence[str]) -> tuple[Flags, config_lib.Config]:
 
 
 def _workdir(flags: Flags, config: config_lib.Config) -> Any:
-  """The run directory, checked (resume) or prepared (a new run)."""
+  """The run directory, checked; a default one is created (uniquely).
+
+  Nothing is written before the data source is checked (a bad
+  ``--data-dir`` leaves no empty run directory behind); the run itself
+  (:func:`experiment.train_and_evaluate`) prepares the directory under its
+  lock.
+  """
   if flags.resume:
     if flags.out or flags.overwrite:
       raise ValueError(
@@ -174,12 +188,15 @@ def _workdir(flags: Flags, config: config_lib.Config) -> Any:
       raise ValueError("--vmap runs are not checkpointed: --resume cannot "
                        "continue them.")
     workdir_lib.check_resume(flags.resume, config)
+    data_lib.check_source(config.dataset, config.data_dir)
     return flags.resume
   if flags.data_seed is not None and not flags.vmap:
     raise ValueError("--data-seed needs --vmap.")
-  workdir = flags.out or workdir_lib.default_workdir(config)
-  workdir_lib.prepare_workdir(workdir, flags.overwrite)
-  return workdir
+  data_lib.check_source(config.dataset, config.data_dir)
+  if flags.out is None:
+    return workdir_lib.default_workdir(config)
+  workdir_lib.check_workdir(flags.out, flags.overwrite)
+  return flags.out
 
 
 def main(argv: Optional[Sequence[str]] = None, *,
@@ -199,8 +216,8 @@ def main(argv: Optional[Sequence[str]] = None, *,
     flags, config = parse(argv)
     flags.output.check()  # a missing wandb fails before any work
     workdir = _workdir(flags, config)
-  except (ValueError, ImportError, FileExistsError, FileNotFoundError) as e:
-    print(f"{PROG}: error: {e}", file=sys.stderr)
+  except (ValueError, ImportError, OSError) as e:  # DataError: ValueError
+    print(f"{PROG}: error: {_one_line(e)}", file=sys.stderr)
     raise SystemExit(2) from None
   with flags.output.logging():
     return _run(flags, config, workdir, on_chunk)
@@ -212,10 +229,32 @@ def _live(flags: Flags, workdir: Any) -> Optional[monitor.LiveMetrics]:
                                                        group=str(workdir))
 
 
+# Errors of the run that are the user's to fix (data, directory, memory,
+# divergence, checkpoints, disk): one line on stderr, never a traceback.
+RUN_ERRORS = (stream_lib.DataError, data_lib.DataError, loop.TrainingDiverged,
+              workdir_lib.RunDirError, checkpointing.CheckpointError,
+              budget.MemoryBudgetError, FileExistsError)
+
+
+def _one_line(error: BaseException) -> str:
+  return " ".join(str(error).split())
+
+
+def _tidy(flags: Flags, workdir: Any, status: int) -> int:
+  """Removes a default run directory that a failed run left empty (its
+  lock file aside); returns ``status``."""
+  path = pathlib.Path(workdir)
+  if flags.out is None and not flags.resume and path.is_dir() and all(
+      p.name == workdir_lib.LOCK for p in path.iterdir()):
+    shutil.rmtree(path, ignore_errors=True)
+  return status
+
+
 def _run(flags: Flags, config: config_lib.Config, workdir: Any,
          on_chunk: Optional[loop.ChunkHook]) -> int:
-  """Runs the experiment; 1 with a message on stderr for bad data or a
-  diverged run."""
+  """Runs the experiment; 1 with one line on stderr for a run that cannot
+  go on (bad data, a diverged run, a busy or full run directory), 130 when
+  interrupted (Ctrl-C)."""
   # Said first, so that a run killed midway knows where to resume from.
   logger.info("run directory: %s (continue an interrupted run with "
               "--resume %s)", workdir, workdir)
@@ -225,8 +264,21 @@ def _run(flags: Flags, config: config_lib.Config, workdir: Any,
         resume=bool(flags.resume), vmap=flags.vmap,
         data_seed=flags.data_seed, on_chunk=on_chunk,
         live=_live(flags, workdir))
-  except (stream_lib.DataError, loop.TrainingDiverged) as e:
-    print(f"error: {e}", file=sys.stderr)
-    return 1
+  except RUN_ERRORS as e:
+    print(f"error: {_one_line(e)}", file=sys.stderr)
+    return _tidy(flags, workdir, 1)
+  except OSError as e:  # a full disk, a read-only or vanished directory
+    print(f"error: cannot write the run's files in {workdir}: "
+          f"{_one_line(e)}", file=sys.stderr)
+    return _tidy(flags, workdir, 1)
+  except KeyboardInterrupt:
+    if not (pathlib.Path(workdir) / "config.json").is_file():
+      again = "it had not started: nothing to resume"
+    elif flags.vmap:
+      again = "--vmap runs are not checkpointed: start it again"
+    else:
+      again = f"continue it with: {PROG} --resume {workdir}"
+    print(f"interrupted; run directory {workdir}: {again}", file=sys.stderr)
+    return _tidy(flags, workdir, 130)
   logger.info("results in %s", summary["workdir"])
   return 0

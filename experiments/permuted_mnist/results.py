@@ -5,6 +5,8 @@ training data); test numbers are only reported.
 """
 
 import dataclasses
+import hashlib
+import json
 import pathlib
 from typing import Any, Sequence
 
@@ -13,6 +15,7 @@ import numpy as np
 from experiments.common import files
 from experiments.common import metrics as metrics_lib
 from experiments.common import timing as timing_lib
+from experiments.permuted_mnist import config as config_lib
 from experiments.permuted_mnist import methods as methods_lib
 
 
@@ -80,6 +83,23 @@ class MethodResult:
                **arrays)
 
 
+def result_config(config: Any) -> dict[str, Any]:
+  """The config fields that can change a run's results, JSON-ready."""
+  return {k: v for k, v in config.to_json().items()
+          if k not in config_lib.RESULT_NEUTRAL}
+
+
+def run_digest(config: Any, dataset_info: dict[str, Any]) -> str:
+  """SHA-256 of the result-affecting config fields and the data's digest.
+
+  Each ``runs.json`` row carries it, so that a resumed run reuses only rows
+  trained with its own config and data.
+  """
+  blob = json.dumps({"config": result_config(config),
+                     "data": dataset_info.get("sha256")}, sort_keys=True)
+  return hashlib.sha256(blob.encode()).hexdigest()
+
+
 def select(results: Sequence[MethodResult]) -> dict[str, float]:
   """Each method's lambda with the best mean validation ACC over seeds.
 
@@ -139,7 +159,9 @@ def write_results(workdir: pathlib.Path, config: Any,
   """Writes every result file (after each run, so partial runs survive).
 
   Files: ``config.json``; ``runs.json`` and ``runs.csv`` (every method,
-  lambda and seed, with R, R_val, b and metrics); ``accuracy.csv`` (R and b
+  lambda and seed, with R, R_val, b and metrics; each ``runs.json`` row
+  also holds its result-affecting ``config`` and their :func:`run_digest`
+  ``config_sha256``); ``accuracy.csv`` (R and b
   in long form); ``summary.json`` and ``summary.csv`` (per method, the
   lambda chosen on validation and mean/std over seeds); ``R_<method>.csv``
   (the seed-averaged R at the chosen lambda); and, when ``final``, the plots
@@ -157,7 +179,10 @@ def write_results(workdir: pathlib.Path, config: Any,
   """
   files.write_json(workdir / "config.json",
              {"config": config.to_json(), "dataset": dataset_info})
-  files.write_json(workdir / "runs.json", [r.to_json() for r in results])
+  tie = {"config_sha256": run_digest(config, dataset_info),
+         "config": result_config(config)}
+  files.write_json(workdir / "runs.json",
+                   [{**r.to_json(), **tie} for r in results])
   names = ("acc", "bwt", "fwt", "forgetting", "val_acc")
   chosen = select(results)
   files.write_csv(workdir / "runs.csv",
