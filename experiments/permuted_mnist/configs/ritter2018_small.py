@@ -11,8 +11,8 @@ Command:
 Expected runtime: about 40 to 100 seconds per method and lambda on a 2-core
 x86 CPU shared with other jobs (every method's lambdas as one vmapped
 program), about 40 minutes for the whole grid; see README's results section
-for the measured numbers. The grids are the union of the two rounds that
-README reports.
+for the measured numbers. The grids surround the values chosen in the two
+rounds that README reports.
 
 Scaled down: the embedded 5,000-digit MNIST subset (3,600 training, 400
 validation and 1,000 test examples per task), MLP 2x100 ReLU, Adam lr 1e-3,
