@@ -54,6 +54,9 @@ class Config:
     num_tasks: length of the task sequence.
     val_fraction: share of each task's training data held out for
       validation (model selection; the test split is only reported).
+    pad_to: zero-pad the images to ``pad_to x pad_to`` before permuting
+      (van de Ven & Tolias: 32, 1024 inputs); ``None``: 28x28, no padding.
+      Permuted tasks and the MLP only.
     train_examples: use a random subset of at most this many training
       examples per task (``None``: all).
     model: ``mlp`` or ``cnn``.
@@ -77,9 +80,15 @@ class Config:
     gamma: online EWC's decay of the old Fisher.
     l2_lam: the L2 (Fisher = 1) strength sweep.
     si_c: SI's c sweep (Zenke's convention: the pull uses ``lam = 2c``).
+    mas_lam: MAS's lambda sweep (Aljundi's convention, no 1/2: the pull
+      uses ``lam = 2 mas_lam``).
+    kfac_lam: KFAC-EWC's lambda sweep (same convention as ``lam``).
+    online_kfac_lam: online KFAC-EWC's lambda sweep (decay ``gamma``).
     si_xi: SI's damping xi in ``Omega = omega / (Delta^2 + xi)``.
     fisher: the Fisher estimator (``exact``, ``sampled``, ``empirical``,
       ``batched``).
+    kfac_fisher: KFAC-EWC's estimator (``exact``, ``sampled``,
+      ``empirical``); ``None``: the same as ``fisher``.
     fisher_examples: the Fisher uses a random subset of this many of the
       task's training examples (``None``: all of them).
     fisher_batch_size: chunk size of the Fisher pass.
@@ -114,6 +123,7 @@ class Config:
   tasks: str = "permuted"
   num_tasks: int = 10
   val_fraction: float = 0.1
+  pad_to: Optional[int] = None
   train_examples: Optional[int] = None
   model: str = "mlp"
   hidden: tuple[int, ...] = (256, 256)
@@ -136,7 +146,11 @@ class Config:
   l2_lam: tuple[float, ...] = (1e-4, 1e-3)
   si_c: tuple[float, ...] = (3.0, 10.0)
   si_xi: float = 0.1
+  mas_lam: tuple[float, ...] = (1.0, 10.0)
+  kfac_lam: tuple[float, ...] = (30.0, 100.0)
+  online_kfac_lam: tuple[float, ...] = (30.0, 100.0)
   fisher: str = "exact"
+  kfac_fisher: Optional[str] = None
   fisher_examples: Optional[int] = None
   fisher_batch_size: int = 256
   seeds: tuple[int, ...] = (0, 1, 2)
@@ -281,6 +295,23 @@ def _check_choices(config: Config) -> None:
     raise ValueError(
         f"tasks={config.tasks} has at most 5 tasks (pairs of digits); got "
         f"num_tasks={config.num_tasks}: pass --num-tasks 5 (or fewer).")
+  if config.pad_to is not None and (
+      config.pad_to < 28 or config.tasks != "permuted" or config.model != "mlp"):
+    raise ValueError(
+        f"pad_to must be None or >= 28, with tasks=permuted and model=mlp; "
+        f"got pad_to={config.pad_to}, tasks={config.tasks}, "
+        f"model={config.model}.")
+  if config.kfac_fisher is not None and (
+      config.kfac_fisher not in ewc_jax.ESTIMATORS
+      or config.kfac_fisher == "batched"):
+    raise ValueError(
+        f"kfac_fisher must be None or an estimator of ewc_jax.kfac_fisher "
+        f"(not batched), got {config.kfac_fisher!r}.")
+  kfac = [m for m in config.methods if m.endswith("kfac_ewc")]
+  if kfac and (config.kfac_fisher or config.fisher) == "batched":
+    raise ValueError(
+        f"{kfac[0]} needs a per-example estimator: fisher=batched has no "
+        "Kronecker factors; set kfac_fisher (exact, sampled, empirical).")
   if config.model not in models.MODELS:
     raise ValueError(
         f"model must be one of {models.MODELS}, got {config.model!r}.")

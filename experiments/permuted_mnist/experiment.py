@@ -46,8 +46,9 @@ logger = logging.getLogger(__name__)
 def make_stream(config: config_lib.Config, dataset: data_lib.Dataset,
                 seed: int) -> stream_lib.Stream:
   """The checked task stream of ``seed`` on the device."""
+  pad = {} if config.pad_to is None else {"pad_to": config.pad_to}
   tasks = tasks_lib.make_tasks(config.tasks, dataset, config.num_tasks, seed,
-                               val_fraction=config.val_fraction)
+                               val_fraction=config.val_fraction, **pad)
   stream = stream_lib.make_stream(tasks, eval_batch_size=config.eval_batch_size,
                                   train_examples=config.train_examples)
   stream_lib.check_stream(stream, config)

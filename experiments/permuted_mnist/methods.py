@@ -5,8 +5,9 @@ Every method trains the same model with the same optimiser,
 :class:`Method` declares how it wires that pull (mode, the config field of
 its strength, the strength's scale, whether ``gamma`` applies) and its
 importance function: what :func:`ewc_jax.consolidate` folds in at each task
-boundary. Adding a method (MAS, KFAC-EWC) is adding one entry to
-:data:`REGISTRY`.
+boundary. Adding a method is adding one entry to :data:`REGISTRY`; a
+method whose pull is not :func:`ewc_jax.ewc` (KFAC-EWC) also names its
+optimiser factory and its consolidation.
 
 * ``finetune``: nothing (``lam = 0``): the forgetting baseline.
 * ``l2``: a "Fisher" of ones, i.e. plain L2 towards the past solutions.
@@ -21,6 +22,20 @@ boundary. Adding a method (MAS, KFAC-EWC) is adding one entry to
   Zenke's surrogate loss ``c sum Omega (theta - theta*)^2`` has no 1/2, so
   the pull uses ``lam = 2 c``. Negative path integrals are clipped at 0: a
   negative curvature would push parameters away.
+* ``mas``: Memory Aware Synapses (Aljundi et al. 2018): the importance
+  ``mean_x |d ||f(x)||^2 / d theta|`` (:func:`ewc_jax.mas_importance`) on
+  the task's training inputs, one quadratic per task. MAS's penalty
+  ``lam_MAS sum Omega (theta - theta*)^2`` has no 1/2, so the pull uses
+  ``lam = 2 mas_lam``; ``mas_lam`` is stored as MAS's lambda.
+* ``kfac_ewc``: EWC with a Kronecker-factored Fisher per dense layer
+  (Ritter, Botev & Barber 2018): the pull is :func:`ewc_jax.kfac_ewc` built
+  on the model's layers (:func:`ewc_jax.dense_layers`), each task's
+  :func:`ewc_jax.kfac_fisher` folded in with :func:`ewc_jax.kfac_consolidate`
+  (separate mode: the factors summed, the layers anchored at the mean of the
+  task anchors; see ``kfac_ewc``'s docstring). Same ``lam`` convention as
+  ``ewc``.
+* ``online_kfac_ewc``: the same in online mode (Ritter et al.'s online
+  Laplace, old factors decayed by ``gamma``, anchored at the latest task).
 * ``joint``: one model trained on the union of all tasks: the upper bound.
 """
 
@@ -59,6 +74,12 @@ class Method:
       ``None``: one :attr:`importance` call per member.
     tracks_path: the training state carries SI's path integral.
     joint: trains once on the union of all tasks.
+    optimizer: ``(config, graphdef, params, mode) -> tx``, the method's own
+      optimiser factory (``None``: :func:`make_optimizer`'s EWC chain). It
+      must return the same object for the same model (cache it): the jitted
+      training chunk takes ``tx`` as a static argument.
+    consolidate: ``(opt_state, params, curvature) -> opt_state``, folds a
+      finished task into the pull's state (vmapped for stacked members).
   """
 
   name: str
@@ -70,6 +91,8 @@ class Method:
   member_importance: Optional[Importance] = None
   tracks_path: bool = False
   joint: bool = False
+  optimizer: Optional[Callable[..., optax.GradientTransformation]] = None
+  consolidate: Callable[..., Any] = ewc_jax.consolidate
 
   def pull(self, lam: float, config: Any) -> tuple[float, float]:
     """The pull's ``(lam, gamma)`` for the swept value ``lam``."""
@@ -96,16 +119,58 @@ def make_optimizer(base: tuple[Any, ...],
     base: ``("adam", lr, b1, b2)`` or ``("sgd", lr, momentum)``.
     mode: ``"separate"`` or ``"online"``.
   """
+  pull = optax.inject_hyperparams(ewc_jax.ewc, static_args=("mode",))
+  return optax.chain(pull(lam=0.0, mode=mode), base_transform(base))
+
+
+def base_transform(base: tuple[Any, ...]) -> optax.GradientTransformation:
+  """The base optimiser described by ``base`` (:func:`base_optimizer`)."""
   if base[0] == "adam":
     _, lr, b1, b2 = base
-    base_tx = optax.adam(lr, b1=b1, b2=b2)
-  elif base[0] == "sgd":
+    return optax.adam(lr, b1=b1, b2=b2)
+  if base[0] == "sgd":
     _, lr, momentum = base
-    base_tx = optax.sgd(lr, momentum=momentum or None)
-  else:
-    raise ValueError(f"unknown optimizer {base[0]!r}.")
-  pull = optax.inject_hyperparams(ewc_jax.ewc, static_args=("mode",))
-  return optax.chain(pull(lam=0.0, mode=mode), base_tx)
+    return optax.sgd(lr, momentum=momentum or None)
+  raise ValueError(f"unknown optimizer {base[0]!r}.")
+
+
+@functools.lru_cache(maxsize=None)
+def make_kfac_optimizer(base: tuple[Any, ...], mode: str,
+                        layers: tuple) -> optax.GradientTransformation:
+  """``optax.chain(ewc_jax.kfac_ewc(lam, layers, mode=mode), base)``.
+
+  As :func:`make_optimizer`: ``lam`` and ``gamma`` are injected
+  hyperparameters set in the state by :func:`set_pull` (``kfac_ewc`` writes
+  its ``gamma`` argument into its state at every update, so ``gamma`` must
+  be injected too, not only set in the state). Cached per ``(base, mode,
+  layers)``: one object, one compiled chunk, per model.
+  """
+  pull = optax.inject_hyperparams(ewc_jax.kfac_ewc,
+                                  static_args=("mode", "layers"))
+  return optax.chain(pull(lam=0.0, layers=layers, mode=mode, gamma=1.0),
+                     base_transform(base))
+
+
+def input_shape(config: Any) -> tuple[int, ...]:
+  """The shape of one input image (after ``pad_to``, if the config has it)."""
+  side = getattr(config, "pad_to", None) or 28
+  return (side, side)
+
+
+def kfac_optimizer(config, graphdef, params, mode):
+  """KFAC-EWC's optimiser, on the dense layers of ``graphdef``'s model."""
+  layers = ewc_jax.dense_layers(
+      models.eval_apply_fn(graphdef), params,
+      jnp.zeros((1, *input_shape(config)), jnp.float32))
+  return make_kfac_optimizer(base_optimizer(config), mode, layers)
+
+
+def optimizer(method: "Method", config: Any, graphdef,
+              params) -> optax.GradientTransformation:
+  """``method``'s optimiser for the model ``(graphdef, params)``."""
+  if method.optimizer is not None:
+    return method.optimizer(config, graphdef, params, method.mode)
+  return make_optimizer(base_optimizer(config), method.mode)
 
 
 def set_pull(opt_state: Any, lam: float, gamma: float) -> Any:
@@ -182,6 +247,34 @@ def fisher_importance(config, graphdef, state, task, key):
   return fisher_fn(config, graphdef, task, data)(state.params, key)
 
 
+def task_data(config, task, key):
+  """The task's training data, a ``fisher_examples`` subset if set."""
+  seed = int(jax.random.randint(key, [], 0, 2**31 - 1))
+  return stream_lib.subset(task.train_x, task.train_y,
+                           config.fisher_examples, seed)
+
+
+def task_apply_fn(graphdef, task):
+  """The evaluation-mode model with ``task``'s head (cached)."""
+  return models.eval_apply_fn(graphdef, tuple(task.classes), task.num_classes)
+
+
+def mas_importance(config, graphdef, state, task, key):
+  """MAS's importance on (a ``fisher_examples`` subset of) the task."""
+  return ewc_jax.mas_importance(
+      task_apply_fn(graphdef, task), state.params,
+      task_data(config, task, key), batch_size=config.fisher_batch_size)
+
+
+def kfac_importance(config, graphdef, state, task, key):
+  """The Kronecker-factored Fisher (:func:`ewc_jax.kfac_fisher`)."""
+  return ewc_jax.kfac_fisher(
+      task_apply_fn(graphdef, task), state.params,
+      task_data(config, task, key),
+      estimator=config.kfac_fisher or config.fisher, rng=key,
+      batch_size=config.fisher_batch_size)
+
+
 def shares_fisher_data(config: Any, task: Any) -> bool:
   """Whether every member's Fisher reads the same examples of ``task``
   (no ``fisher_examples`` budget smaller than the task)."""
@@ -223,6 +316,13 @@ REGISTRY: dict[str, Method] = {m.name: m for m in (
     Method("online_ewc", lam_field="online_lam", mode="online",
            uses_gamma=True, importance=fisher_importance,
            member_importance=fisher_member_importance),
+    Method("mas", lam_field="mas_lam", lam_scale=2.0,
+           importance=mas_importance),
+    Method("kfac_ewc", lam_field="kfac_lam", importance=kfac_importance,
+           optimizer=kfac_optimizer, consolidate=ewc_jax.kfac_consolidate),
+    Method("online_kfac_ewc", lam_field="online_kfac_lam", mode="online",
+           uses_gamma=True, importance=kfac_importance,
+           optimizer=kfac_optimizer, consolidate=ewc_jax.kfac_consolidate),
     Method("si", lam_field="si_c", mode="online", lam_scale=2.0,
            importance=si_state_importance,
            member_importance=si_state_importance, tracks_path=True),

@@ -105,7 +105,8 @@ def _layer_keys(key, n):
 def make_model(name: str, num_classes: int, *, seed: int,
                hidden: Sequence[int] = (100, 100), dropout: float = 0.0,
                channels: Sequence[int] = (16, 32),
-               cnn_hidden: int = 128) -> nnx.Module:
+               cnn_hidden: int = 128,
+               in_features: int = 28 * 28) -> nnx.Module:
   """Builds a model by name.
 
   Args:
@@ -116,13 +117,14 @@ def make_model(name: str, num_classes: int, *, seed: int,
     dropout: dropout rate (training only).
     channels: the CNN's convolution channels.
     cnn_hidden: the CNN's dense width.
+    in_features: the MLP's flattened input size (1024 for 32x32 padding).
 
   Returns:
     The NNX module.
   """
   rngs = nnx.Rngs(params=seed)
   if name == "mlp":
-    return MLP(28 * 28, tuple(hidden), num_classes, dropout=dropout,
+    return MLP(in_features, tuple(hidden), num_classes, dropout=dropout,
                rngs=rngs)
   if name == "cnn":
     return CNN(tuple(channels), cnn_hidden, num_classes, dropout=dropout,

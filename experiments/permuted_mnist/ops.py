@@ -6,6 +6,8 @@ the training state the way every method declares it (:mod:`methods`).
 """
 
 import dataclasses
+import functools
+import math
 from typing import Sequence
 
 import jax
@@ -23,15 +25,16 @@ def init_state(config: config_lib.Config, method: methods_lib.Method,
                batched: bool):
   """``(graphdef, tx, state)``: the members' initial states (stacked when
   ``batched``), each initialised from its seed with its pull set."""
-  tx = methods_lib.make_optimizer(methods_lib.base_optimizer(config),
-                                  method.mode)
-  graphdef, states = None, []
+  graphdef, tx, states = None, None, []
   for lam, seed in points:
     model = models.make_model(
         config.model, num_classes, seed=seed, hidden=config.hidden,
         dropout=config.dropout, channels=config.channels,
-        cnn_hidden=config.cnn_hidden)
+        cnn_hidden=config.cnn_hidden,
+        in_features=math.prod(methods_lib.input_shape(config)))
     graphdef, params = models.split_model(model)
+    if tx is None:  # the method's optimiser may depend on the model
+      tx = methods_lib.optimizer(method, config, graphdef, params)
     state = steps.State(params=params, opt_state=methods_lib.set_pull(
         tx.init(params), *method.pull(lam, config)))
     if method.tracks_path:
@@ -42,6 +45,16 @@ def init_state(config: config_lib.Config, method: methods_lib.Method,
   return graphdef, tx, steps.unalias(state)
 
 
+@functools.lru_cache(maxsize=None)
+def vmapped(consolidate):
+  """``consolidate`` jitted and vmapped over stacked members (cached).
+
+  Each member is folded alone, as :func:`steps.consolidate_members` explains
+  for ``ewc_jax.consolidate``; value checks are skipped under the trace.
+  """
+  return jax.jit(jax.vmap(consolidate))
+
+
 class Ops:
   """The loop's device operations for one run or for stacked members."""
 
@@ -50,13 +63,16 @@ class Ops:
     if batched:
       self.train_chunk = steps.train_chunks
       self.fold_in = steps.fold_in_members
-      self.consolidate = steps.consolidate_members
+      self.consolidate = (
+          steps.consolidate_members
+          if method.consolidate is ewc_jax.consolidate
+          else vmapped(method.consolidate))
       self.importance = (method.member_importance
                          or methods_lib.per_member(method.importance))
     else:
       self.train_chunk = steps.train_chunk
       self.fold_in = jax.random.fold_in
-      self.consolidate = ewc_jax.consolidate
+      self.consolidate = method.consolidate
       self.importance = method.importance
 
   def keys(self, points):

@@ -145,7 +145,7 @@ def check_tasks(tasks: Sequence[tasks_lib.Task]) -> None:
   """Rejects task data that would train silently wrong, before any training.
 
   Every split of every task must hold at least one example, float images
-  ``[n, 28, 28]`` with finite values (the loaders scale bytes to [0, 1]),
+  ``[n, 28, 28]`` (or square and larger: padded, ``pad_to``) with finite values (the loaders scale bytes to [0, 1]),
   and as many integer labels, each one of the task's classes.
 
   Args:
@@ -161,9 +161,11 @@ def check_tasks(tasks: Sequence[tasks_lib.Task]) -> None:
       x, y = getattr(task, f"{split}_x"), getattr(task, f"{split}_y")
       where = f"task {t} ({task.name}) {split} split"
       x, y = np.asarray(x), np.asarray(y)
-      if x.ndim != 3 or x.shape[1:] != data_lib.IMAGE_SHAPE:
+      if (x.ndim != 3 or x.shape[1] != x.shape[2]
+          or x.shape[1] < data_lib.IMAGE_SHAPE[0]):
         raise DataError(
-            f"{where}: images must have shape [n, 28, 28], got {x.shape}.")
+            f"{where}: images must have shape [n, 28, 28], got {x.shape} "
+            "(or [n, s, s] with s > 28: padded, pad_to).")
       if not np.issubdtype(x.dtype, np.floating):
         raise DataError(
             f"{where}: images have dtype {x.dtype}; expected floating point "

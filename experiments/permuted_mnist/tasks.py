@@ -15,7 +15,7 @@ here, so they cannot differ between batches, epochs or data-loader workers.
 """
 
 import math
-from typing import NamedTuple
+from typing import NamedTuple, Optional
 
 import numpy as np
 import scipy.ndimage
@@ -86,6 +86,14 @@ def permute_pixels(x: np.ndarray, permutation: np.ndarray) -> np.ndarray:
   )
 
 
+def pad_images(x: np.ndarray, side: int) -> np.ndarray:
+  """Zero-pads images ``[n, h, w]`` to ``[n, side, side]``, centred
+  (``torchvision.transforms.Pad(2)`` for 28 -> 32)."""
+  top, left = (side - x.shape[1]) // 2, (side - x.shape[2]) // 2
+  return np.pad(x, [(0, 0), (top, side - x.shape[1] - top),
+                    (left, side - x.shape[2] - left)])
+
+
 def rotate_images(x: np.ndarray, angle: float) -> np.ndarray:
   """Rotates every image by ``angle`` degrees about its centre.
 
@@ -148,11 +156,16 @@ def permuted_tasks(
   seed: int,
   val_fraction: float = 0.1,
   first_identity: bool = False,
+  pad_to: Optional[int] = None,
 ) -> list[Task]:
   """Permuted MNIST: each task applies its own fixed pixel permutation.
 
   The permutations are drawn once from ``np.random.default_rng(seed)`` and
   the same one is applied to a task's train, validation and test images.
+  With ``pad_to`` the images are first zero-padded (centred) to
+  ``pad_to x pad_to`` and the permutation runs over all ``pad_to**2``
+  pixels, padding included, as van de Ven & Tolias's code does (32: 1024
+  inputs).
 
   Args:
     ds: the source dataset.
@@ -160,18 +173,25 @@ def permuted_tasks(
     seed: seed of the permutations and of the validation split.
     val_fraction: share of the training data held out for validation.
     first_identity: leave task 0 unpermuted (the later tasks do not change).
+    pad_to: pad the images to this side before permuting (``None``: 28,
+      no padding).
 
   Returns:
-    ``num_tasks`` tasks named ``permuted-{t}``, all classes active.
+    ``num_tasks`` tasks named ``permuted-{t}``, all classes active, images
+    ``[n, pad_to, pad_to]`` with ``pad_to``.
   """
   _check_num_tasks(num_tasks)
+  side = IMAGE_SHAPE[0] if pad_to is None else pad_to
+  if side < IMAGE_SHAPE[0]:
+    raise ValueError(f"pad_to must be None or >= {IMAGE_SHAPE[0]}, got "
+                     f"{pad_to}.")
   rng = np.random.default_rng(seed)
-  size = math.prod(IMAGE_SHAPE)
+  size = side * side
   permutations = [rng.permutation(size) for _ in range(num_tasks)]
   if first_identity:
     permutations[0] = np.arange(size)
   transforms = {
-    f"permuted-{t}": lambda x, p=p: permute_pixels(x, p)
+    f"permuted-{t}": lambda x, p=p: permute_pixels(pad_images(x, side), p)
     for t, p in enumerate(permutations)
   }
   return _transformed_tasks(ds, transforms, val_fraction, seed)
