@@ -296,7 +296,8 @@ def _check_choices(config: Config) -> None:
         f"tasks={config.tasks} has at most 5 tasks (pairs of digits); got "
         f"num_tasks={config.num_tasks}: pass --num-tasks 5 (or fewer).")
   if config.pad_to is not None and (
-      config.pad_to < 28 or config.tasks != "permuted" or config.model != "mlp"):
+      config.pad_to < 28 or config.tasks != "permuted"
+      or config.model != "mlp"):
     raise ValueError(
         f"pad_to must be None or >= 28, with tasks=permuted and model=mlp; "
         f"got pad_to={config.pad_to}, tasks={config.tasks}, "

@@ -95,7 +95,8 @@ def main() -> None:
   dataset = data_lib.load_dataset(config.dataset, config.data_dir)
   stream = experiment.make_stream(config, dataset, 0)
   out = loop.run(config, stream, "finetune", [(0.0, 0)])
-  print(f"trained MLP {config.hidden}: test accuracy {out.results[0].R[0, 0]:.4f}")
+  acc = out.results[0].R[0, 0]
+  print(f"trained MLP {config.hidden}: test accuracy {acc:.4f}")
   task = stream.tasks[0]
   graphdef = stream_graphdef(config)
   n = min(args.examples, len(task.train_y))

@@ -145,8 +145,9 @@ def check_tasks(tasks: Sequence[tasks_lib.Task]) -> None:
   """Rejects task data that would train silently wrong, before any training.
 
   Every split of every task must hold at least one example, float images
-  ``[n, 28, 28]`` (or square and larger: padded, ``pad_to``) with finite values (the loaders scale bytes to [0, 1]),
-  and as many integer labels, each one of the task's classes.
+  ``[n, 28, 28]`` (or square and larger: padded, ``pad_to``) with finite
+  values (the loaders scale bytes to [0, 1]), and as many integer labels,
+  each one of the task's classes.
 
   Args:
     tasks: from :func:`experiments.tasks.make_tasks`.
