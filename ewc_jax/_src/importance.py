@@ -7,12 +7,11 @@ Both return a pytree shaped like the parameters, >= 0, that feeds
 import functools
 from typing import Any, Callable, NamedTuple, Optional
 
-import chex
 import jax
 import jax.numpy as jnp
 import optax
 
-from ewc_jax._src import batches as batches_lib
+from ewc_jax._src import chunking
 from ewc_jax._src import tree as tree_lib
 
 
@@ -82,9 +81,14 @@ def mas_importance(
   batch_size = 64 if batch_size is None else batch_size
   acc = jax.tree.map(lambda p: jnp.zeros_like(p, jnp.float32), params)
   count = 0
-  inputs = (_inputs(x) for x in batches_lib.batches(data, "data"))
-  for chunk, mask in batches_lib.chunks(inputs, batch_size, "data"):
-    acc = _mas_step(apply_fn, acc, params, chunk, jnp.asarray(mask))
+  if not chunking.is_batch(data) and not hasattr(data, "__iter__"):
+    raise ValueError(
+        "data must be an array (pytree) with a leading example axis or an "
+        f"iterable of such batches; got {type(data).__name__}.")
+  inputs = (_inputs(x) for x in chunking.batches(data, "data"))
+  for chunk, mask in chunking.chunks(inputs, batch_size, None, "data"):
+    acc = _mas_step(apply_fn, acc, params, chunk,
+                    jnp.asarray(mask, jnp.float32))
     count += int(mask.sum())
   if count == 0:
     raise ValueError("data holds no examples: MAS needs at least one.")
@@ -103,8 +107,8 @@ class SIState(NamedTuple):
     start: float32, shaped like params: the parameters at the task's start.
   """
   inner: Any
-  omega: chex.ArrayTree
-  start: chex.ArrayTree
+  omega: Any
+  start: Any
 
 
 def synaptic_intelligence(

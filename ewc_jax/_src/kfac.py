@@ -9,7 +9,7 @@ import jax.numpy as jnp
 import numpy as np
 import optax
 
-from ewc_jax._src import batches as batches_lib
+from ewc_jax._src import chunking
 from ewc_jax._src import fisher as fisher_lib
 from ewc_jax._src import likelihood as likelihood_lib
 from ewc_jax._src import kfac_tracer
@@ -223,12 +223,12 @@ def kfac_fisher(
   _validate(estimator, rng, num_samples)
   batch_size = 128 if batch_size is None else batch_size
   key = rng if rng is not None else jax.random.key(0)
-  if not batches_lib.is_batch(data) and not isinstance(data, (list, tuple)):
-    data = list(batches_lib.batches(data, "data"))  # read twice below
+  if not chunking.is_batch(data) and not isinstance(data, (list, tuple)):
+    data = list(chunking.batches(data, "data"))  # read twice below
   leaves = [jnp.asarray(p, jnp.float32) for p in jax.tree.leaves(params)]
   plan, acc, count = None, None, 0
   for i, (chunk, mask) in enumerate(
-      batches_lib.chunks(data, batch_size, "data")):
+      chunking.chunks(data, batch_size, None, "data")):
     if not (isinstance(chunk, tuple) and len(chunk) == 2):
       raise ValueError("data must be (inputs, labels) or an iterable of "
                        f"such pairs; got a {type(chunk).__name__}.")
@@ -245,7 +245,7 @@ def kfac_fisher(
     labels = _labels(estimator, labels, real, num_classes, batch_size)
     acc = _kfac_step(ref, estimator, num_samples, acc, leaves,
                      inputs, labels, jax.random.fold_in(key, i),
-                     jnp.asarray(mask))
+                     jnp.asarray(mask, jnp.float32))
     count += real
   if count == 0:
     raise ValueError("data holds no examples: the Fisher needs at least one.")

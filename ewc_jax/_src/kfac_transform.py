@@ -4,7 +4,6 @@ import math
 import warnings
 from typing import Any, NamedTuple, Union
 
-import chex
 import jax
 import jax.numpy as jnp
 import optax
@@ -39,13 +38,13 @@ class KFACEWCState(NamedTuple):
   """
   a: tuple
   g: tuple
-  weight: chex.Array
+  weight: jax.Array
   diagonal: Any
   anchor: Any
-  lam: chex.Array
-  gamma: chex.Array
-  online: chex.Array
-  num_tasks: chex.Array
+  lam: jax.Array
+  gamma: jax.Array
+  online: jax.Array
+  num_tasks: jax.Array
 
 
 def _is_masked(x):
