@@ -14,7 +14,8 @@ def test_import_ewc_jax_imports_no_experiment_dependencies():
   # A fresh interpreter: this test process has imported flax already.
   code = ("import sys, ewc_jax; heavy = ['flax', 'tensorflow_datasets', "
           "'tensorflow', 'orbax', 'matplotlib', 'mlxtend', 'scipy', "
-          "'experiments', 'chex']; print([m for m in heavy if m in sys.modules])")
+          "'experiments', 'chex']; "
+          "print([m for m in heavy if m in sys.modules])")
   env = dict(os.environ, PYTHONPATH=str(ROOT))
   out = subprocess.run([sys.executable, "-c", code], env=env, cwd=ROOT,
                        capture_output=True, text=True, check=True)

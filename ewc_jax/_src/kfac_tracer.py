@@ -25,6 +25,8 @@ import jax
 import jax.numpy as jnp
 from jax.extend import core as jcore
 
+from ewc_jax._src import layers
+
 _INLINE = ("jit", "pjit", "closed_call", "core_call", "remat", "checkpoint")
 _KERNEL_OPS = ("convert_element_type", "copy", "copy_p", "transpose")
 _BIAS_OPS = ("convert_element_type", "copy", "copy_p", "reshape",
@@ -86,16 +88,6 @@ def _sub_jaxpr(eqn):
   return None
 
 
-def _bind(eqn, invals):
-  bind_params = eqn.primitive.get_bind_params(eqn.params)
-  if isinstance(bind_params, tuple):  # older jax: (subfuns, params)
-    subfuns, bind_params = bind_params
-    out = eqn.primitive.bind(*subfuns, *invals, **bind_params)
-  else:
-    out = eqn.primitive.bind(*invals, **bind_params)
-  return list(out) if eqn.primitive.multiple_results else [out]
-
-
 class Walker:
   """Evaluates the per-example jaxpr, classifying values as it goes.
 
@@ -149,7 +141,7 @@ class Walker:
     name = eqn.primitive.name
     n_out = len(eqn.outvars)
     if ACT not in kinds:
-      return _bind(eqn, vals), [self._param_info(eqn, ins)] * n_out
+      return layers.bind(eqn, vals), [self._param_info(eqn, ins)] * n_out
     if PARAM in kinds and name in _INLINE and _sub_jaxpr(eqn) is not None:
       sub, sub_consts = _sub_jaxpr(eqn)
       outs, outs_info = self.run(sub, sub_consts, vals, ins)
@@ -159,7 +151,7 @@ class Walker:
       return self._dot(eqn, vals, ins)
     if name in ("add", "add_any") and PARAM in kinds:
       return self._bias(eqn, vals, ins)
-    return _bind(eqn, vals), [_Info(ACT)] * n_out
+    return layers.bind(eqn, vals), [_Info(ACT)] * n_out
 
   def _param_info(self, eqn, ins):
     name = eqn.primitive.name
@@ -201,7 +193,7 @@ class Walker:
       info.update(ok=x_size == d_in, leaf=w.chain, d_in=d_in, d_out=d_out,
                   transposed=(c == 1) != w.transposed)
     self.dots.append(info)
-    (out,) = _bind(eqn, vals)
+    (out,) = layers.bind(eqn, vals)
     k = self._layer_number(j)
     if k is not None:
       self.acts[k] = jnp.reshape(vals[1 - w_pos], (-1,))
@@ -210,7 +202,7 @@ class Walker:
     return [out], [_Info(ACT, dot=j)]
 
   def _bias(self, eqn, vals, ins):
-    (out,) = _bind(eqn, vals)
+    (out,) = layers.bind(eqn, vals)
     pos = [i for i, info in enumerate(ins) if info.dot is not None]
     if len(pos) == 1 and ins[1 - pos[0]].kind == PARAM:
       y, b = ins[pos[0]], ins[1 - pos[0]]

@@ -89,7 +89,8 @@ def _sub_jaxpr(eqn):
   return None
 
 
-def _bind(eqn, invals, f32):
+def bind(eqn, invals, f32: bool = False):
+  """Binds ``eqn``'s primitive to ``invals`` (sums in float32 if ``f32``)."""
   params = dict(eqn.params)
   if f32:
     # Squares and their sums in float32 even for low-precision models.
@@ -149,12 +150,12 @@ class Interpreter:
         structural = name in _STRUCTURAL and all(
             i.structural for i in ins if i.kind == PARAM)
         info = Info(PARAM if PARAM in kinds else CONST, leaves, structural)
-        outs = _bind(eqn, vals, self.f32)
+        outs = bind(eqn, vals, self.f32)
         outs_info = [info] * len(outs)
       elif PARAM not in kinds:
         outs_info = [Info(ACT)] * len(eqn.outvars)
         outs = ([None] * len(eqn.outvars) if self.mode == "cut"
-                else _bind(eqn, vals, self.f32))
+                else bind(eqn, vals, self.f32))
       elif name in _CUSTOM:
         raise Unsupported(
             f"parameters and inputs meet inside `{name}` "
@@ -187,11 +188,11 @@ class Interpreter:
     if self.mode == "cut":
       it = iter(self.acts[j])
       vals = [next(it) if i.kind == ACT else v for v, i in zip(vals, ins)]
-      outs = _bind(eqn, vals, self.f32)
+      outs = bind(eqn, vals, self.f32)
       self.outs.append(outs)
       return outs
     self.recorded.append([v for v, i in zip(vals, ins) if i.kind == ACT])
-    outs = _bind(eqn, vals, self.f32)
+    outs = bind(eqn, vals, self.f32)
     if self.perts is None:
       return outs
     return [o + p for o, p in zip(outs, self.perts[j])]
