@@ -4,6 +4,7 @@ import gzip
 import json
 
 import numpy as np
+import pytest
 
 from experiments import bench
 
@@ -11,19 +12,28 @@ from experiments import bench
 def test_bench_writes_ratios(tmp_path):
   out = tmp_path / "bench.json"
   bench.main(["--hidden", "16", "--fast-examples", "512", "--vmap-examples",
-              "64", "--rss-examples", "256", "--steps", "4", "--reps", "1",
-              "--batch-size", "32", "--presets", "", "--out", str(out)])
+              "64", "--rss-examples", "0", "--steps", "4", "--reps", "1",
+              "--batch-size", "32", "--estimators", "exact,batched",
+              "--presets", "", "--out", str(out)])
   res = json.loads(out.read_text())
   paths = {(r["model"], r["path"], r["estimator"]) for r in res["fisher"]}
   assert ("mlp", "fast", "exact") in paths and ("mlp", "vmap", "exact") in paths
-  assert ("mlp", "fast", "predicted") in paths and ("cnn", "fast", "exact") in (
-      paths)
+  assert ("mlp", "auto", "batched") not in paths  # batched has no path
+  assert ("mlp", "-", "batched") in paths and ("cnn", "fast", "exact") in paths
+  assert {r["estimator"] for r in res["fisher"]} == {"exact", "batched"}
   # The recurrent model is not known to the fast path: auto fell back.
   assert ("recurrent", "vmap", "exact") in paths
   assert all(r["ratio"] > 0 and r["ratio_loop"] > 0 for r in res["fisher"])
   assert [r["optimizer"] for r in res["train"]] == ["adam", "ewc+adam"]
   assert {r["batch_size"] for r in res["memory"] if "batch_size" in r} == {
       16, 64, 256}
+  assert not any("peak_rss_bytes" in r for r in res["memory"])  # 0 skips
+
+
+def test_bench_refuses_an_unknown_estimator(capsys):
+  with pytest.raises(SystemExit):
+    bench.main(["--estimators", "exact,fisherman"])
+  assert "--estimators: unknown ['fisherman']" in capsys.readouterr().err
 
 
 def _write_idx(path, array):

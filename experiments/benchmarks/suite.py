@@ -52,7 +52,8 @@ def fisher_rows(name, make, path, estimators, n, args):
       args.reps)
   used = path if path != "auto" else common.path_used(apply_fn, params, x)
   rows = []
-  for est in [e for e in estimators if e in ewc_jax.ESTIMATORS]:
+  wanted = args.estimators.split(",")
+  for est in [e for e in estimators if e in wanted]:
     s = common.best_time(lambda est=est: ewc_jax.fisher_diagonal(
         apply_fn, params, (x, y), estimator=est, rng=jax.random.key(0),
         batch_size=_batch_size(args), path=path), args.reps)
@@ -100,7 +101,8 @@ def bench_memory(args):
       print(f"  memory {path:4s} batch_size {bs:4d}: "
             f"{(temp or 0) / 2**20:8.1f} MiB temporaries per pass",
             flush=True)
-  for n in (args.rss_examples, 4 * args.rss_examples):
+  streamed = (args.rss_examples, 4 * args.rss_examples)
+  for n in streamed if args.rss_examples > 0 else ():
     code = (
         "import resource, numpy as np, jax, ewc_jax\n"
         "from experiments.benchmarks import common\n"
@@ -193,7 +195,11 @@ def parser():
                  help="Fisher chunk size (default: the library's automatic)")
   p.add_argument("--fast-examples", type=int, default=8192)
   p.add_argument("--vmap-examples", type=int, default=1024)
-  p.add_argument("--rss-examples", type=int, default=2048)
+  p.add_argument("--rss-examples", type=int, default=2048,
+                 help="streamed examples of the peak-RSS subprocesses (and "
+                 "4x more); 0 skips them")
+  p.add_argument("--estimators", default=",".join(ewc_jax.ESTIMATORS),
+                 help="comma-separated Fisher estimators to time")
   p.add_argument("--steps", type=int, default=200)
   p.add_argument("--reps", type=int, default=3)
   p.add_argument("--presets", default="quick",
@@ -216,6 +222,10 @@ def parser():
 
 def main(argv=None):
   args = parser().parse_args(argv)
+  unknown = set(args.estimators.split(",")) - set(ewc_jax.ESTIMATORS)
+  if unknown:
+    parser().error(f"--estimators: unknown {sorted(unknown)}; choose from "
+                   f"{', '.join(ewc_jax.ESTIMATORS)}")
   if args.device_check:
     from experiments.benchmarks import device_check  # noqa: PLC0415
     return device_check.run(args)
