@@ -165,7 +165,7 @@ def test_interrupted_run_resumes_to_the_same_result(tmp_path, caplog,
   assert sum(float(jnp.sum(a)) for a in jax.tree.leaves(curvature)) > 0
   if method == "si":
     assert any(bool(jnp.any(w != 0)) for w in jax.tree.leaves(
-        tree["state"].omega))
+        tree["state"].opt_state.omega))
   caplog.set_level("INFO", logger="experiments")
   resumed = loop.run_method(config, _stream(), method, 0, 1.0,
                             checkpoint_dir=ckpt)
