@@ -3,8 +3,8 @@
 An IDX file is a magic number (0x00000803 for images, 0x00000801 for labels),
 big-endian uint32 dimensions, then the bytes. `read_idx` reads one, plain or
 gzip-compressed; `scan_idx_dir` checks (and optionally reads) the four files
-of a directory. Every problem is a `DataError` whose one-line message names
-the file and says what to do.
+of a directory; `load_idx_dir` loads them as a `Dataset`. Every problem is a
+`DataError` whose one-line message names the file and says what to do.
 """
 
 import gzip
@@ -15,7 +15,12 @@ import zlib
 
 import numpy as np
 
-IMAGE_SHAPE = (28, 28)
+from experiments.dataset import IMAGE_SHAPE
+from experiments.dataset import DataError
+from experiments.dataset import Dataset
+from experiments.dataset import check_split
+from experiments.dataset import make_dataset
+
 IDX_FILES = {
   "train_x": "train-images-idx3-ubyte",
   "train_y": "train-labels-idx1-ubyte",
@@ -34,35 +39,6 @@ _IDX_HINT = (
   "e.g. from Debian's dataset-fashion-mnist package "
   "(see `dpkg -L dataset-fashion-mnist`)"
 )
-
-class DataError(ValueError):
-  """A data source that cannot be used.
-
-  The message is one line (whitespace, newlines included, is collapsed) that
-  names the file, directory or dataset and says what to do, so a command line
-  can print it as is.
-  """
-
-  def __init__(self, message: str):
-    super().__init__(" ".join(str(message).split()))
-
-
-
-def check_split(name: str, split: str, num_images: int, labels) -> None:
-  """Raises `DataError` unless a split has examples, one label each, 0..9."""
-  if num_images != len(labels):
-    raise DataError(
-      f"{name}: {num_images} {split} images but {len(labels)} {split} labels; "
-      "the image and label files do not belong together"
-    )
-  if num_images == 0:
-    raise DataError(f"{name}: the {split} split holds no examples")
-  if labels.min() < 0 or labels.max() > 9:
-    raise DataError(
-      f"{name}: {split} labels must lie in 0..9, found "
-      f"{labels.min()}..{labels.max()}"
-    )
-
 
 
 def _read_chunks(f, n: int, keep: bool):
@@ -231,3 +207,32 @@ def scan_idx_dir(data_dir, keep_images: bool) -> dict:
       arrays[f"{split}_y"],
     )
   return arrays
+
+
+def load_idx_dir(data_dir) -> Dataset:
+  """Loads the four standard MNIST-format IDX files from a directory.
+
+  Debian's ``dataset-fashion-mnist`` package installs exactly these files
+  (``dpkg -L dataset-fashion-mnist`` shows where); any MNIST-format copy works.
+
+  Args:
+    data_dir: directory holding ``train-images-idx3-ubyte``,
+      ``train-labels-idx1-ubyte``, ``t10k-images-idx3-ubyte`` and
+      ``t10k-labels-idx1-ubyte``, each optionally with a ``.gz`` suffix.
+
+  Returns:
+    The `Dataset`, named ``"idx"``.
+
+  Raises:
+    DataError: no directory, a file missing or malformed, counts of images
+      and labels that differ, images not 28x28 or labels outside 0..9.
+  """
+  arrays = scan_idx_dir(data_dir, keep_images=True)
+  return make_dataset(
+    **arrays,
+    name="idx",
+    description=(
+      f"MNIST-format IDX files in {data_dir} "
+      f"({len(arrays['train_y'])} train / {len(arrays['test_y'])} test)"
+    ),
+  )

@@ -14,6 +14,7 @@ import numpy as np
 import pytest
 
 from experiments import data
+from experiments import tfds_source
 
 
 def write_idx(path, array, magic=None, compress=False, extra=b""):
@@ -259,7 +260,7 @@ def test_synthetic_is_deterministic_and_learnable():
 def test_load_tfds_with_mock_data(monkeypatch, name):
   tfds = pytest.importorskip("tensorflow_datasets")
   # mock_data fakes the data; preparing it is also mocked, so allow it here.
-  monkeypatch.setattr(data, "_tfds_prepare_blocker", lambda name: None)
+  monkeypatch.setattr(tfds_source, "_tfds_prepare_blocker", lambda name: None)
   with tfds.testing.mock_data(num_examples=12):
     ds = data.load_tfds(name)
   assert ds.train_x.shape == (12, 28, 28) and ds.test_x.shape == (12, 28, 28)
@@ -273,7 +274,9 @@ def test_load_tfds_with_mock_data(monkeypatch, name):
 
 
 def test_load_tfds_not_prepared_offline_fails_fast(tmp_path, monkeypatch):
-  monkeypatch.setattr(data, "network_reachable", lambda url, timeout=3.0: False)
+  monkeypatch.setattr(
+    tfds_source, "network_reachable", lambda url, timeout=3.0: False
+  )
   start = time.monotonic()
   for load in (data.load_tfds, data.check_source):
     with pytest.raises(
@@ -295,7 +298,9 @@ def test_load_tfds_unknown_name():
 
 
 def test_auto_offline_picks_embedded(tmp_path, monkeypatch, capsys):
-  monkeypatch.setattr(data, "network_reachable", lambda url, timeout=3.0: False)
+  monkeypatch.setattr(
+    tfds_source, "network_reachable", lambda url, timeout=3.0: False
+  )
   start = time.monotonic()
   ds = data.load_dataset("auto", data_dir=tmp_path)
   assert (
@@ -310,7 +315,7 @@ def test_auto_offline_picks_embedded(tmp_path, monkeypatch, capsys):
 
 def test_auto_uses_tfds_when_it_can(monkeypatch, capsys):
   tfds = pytest.importorskip("tensorflow_datasets")
-  monkeypatch.setattr(data, "_tfds_prepare_blocker", lambda name: None)
+  monkeypatch.setattr(tfds_source, "_tfds_prepare_blocker", lambda name: None)
   with tfds.testing.mock_data(num_examples=5):
     ds = data.load_dataset("auto")
   assert ds.name == "mnist" and len(ds.train_y) == 5

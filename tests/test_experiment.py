@@ -8,6 +8,7 @@ import pytest
 import tensorflow_datasets as tfds
 
 from experiments import data
+from experiments import tfds_source
 from experiments.permuted_mnist import config as config_lib
 from experiments.permuted_mnist import experiment
 from experiments.permuted_mnist import loop
@@ -150,7 +151,7 @@ def test_cli_rejects_bad_values(capsys):
 
 def test_tfds_mock_data_end_to_end(tmp_path, monkeypatch):
   # mock_data fakes MNIST in TFDS; preparing is mocked too, so allow it.
-  monkeypatch.setattr(data, "_tfds_prepare_blocker", lambda name: None)
+  monkeypatch.setattr(tfds_source, "_tfds_prepare_blocker", lambda name: None)
   config = _tiny(dataset="mnist", methods=("finetune", "ewc"), lam=(1.0,),
                  batch_size=16)
   with tfds.testing.mock_data(num_examples=120):

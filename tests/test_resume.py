@@ -24,6 +24,7 @@ from flax import nnx
 
 import ewc_jax
 from experiments import data
+from experiments import tfds_source
 from experiments.common import checkpoint as checkpoint_lib
 from experiments.permuted_mnist import checkpointing
 from experiments.permuted_mnist import config as config_lib
@@ -165,7 +166,7 @@ def test_interrupted_run_resumes_to_the_same_result(tmp_path, caplog,
   assert sum(float(jnp.sum(a)) for a in jax.tree.leaves(curvature)) > 0
   if method == "si":
     assert any(bool(jnp.any(w != 0)) for w in jax.tree.leaves(
-        tree["state"].omega))
+        tree["state"].opt_state.omega))
   caplog.set_level("INFO", logger="experiments")
   resumed = loop.run_method(config, _stream(), method, 0, 1.0,
                             checkpoint_dir=ckpt)
@@ -620,7 +621,7 @@ def test_tfds_images_of_the_wrong_shape_are_rejected(monkeypatch):
       return True
 
   rgb = [{"image": np.zeros((28, 28, 3), np.uint8), "label": 1}] * 2
-  monkeypatch.setattr(data, "_tfds_builder", lambda name, d: Builder())
+  monkeypatch.setattr(tfds_source, "_tfds_builder", lambda name, d: Builder())
   monkeypatch.setattr(data.tfds, "data_source", lambda *a, **k: rgb)
   with pytest.raises(ValueError, match=r"TFDS mnist train: expected images "
                                        r"\[N, 28, 28, 1\], got \(2, 28, 28, "

@@ -113,6 +113,19 @@ def test_si_wrapper_equals_zenke_loop(wrap_ewc):
     chex.assert_trees_all_close(si.start, p)
 
 
+def test_si_path_integral_uses_the_change_the_parameters_make():
+  # bfloat16 parameters at 1.0 move in steps of 2^-7: an update of 1e-3 is
+  # rounded away (no change, no credit), one of 0.25 moves them exactly.
+  params = {"w": jnp.ones(2, jnp.bfloat16)}
+  opt = ewc_jax.synaptic_intelligence(optax.sgd(1.0))
+  g = {"w": jnp.array([1e-3, 0.25], jnp.bfloat16)}
+  upd, state = opt.update(g, opt.init(params), params)
+  moved = optax.apply_updates(params, upd)
+  np.testing.assert_array_equal(np.asarray(moved["w"], np.float32),
+                                [1.0, 0.75])
+  np.testing.assert_array_equal(state.omega["w"], [0.0, 0.25 * 0.25])
+
+
 def test_si_bad_inputs():
   params = {"w": jnp.ones(2)}
   with pytest.raises(ValueError, match="exactly one"):
@@ -122,6 +135,9 @@ def test_si_bad_inputs():
     ewc_jax.si_importance(state, params, xi=0.0)
   with pytest.raises(ValueError, match="GradientTransformation"):
     ewc_jax.synaptic_intelligence(lambda g: g)
+  opt = ewc_jax.synaptic_intelligence(optax.sgd(1.0))
+  with pytest.raises(ValueError, match="needs the current parameters"):
+    opt.update(params, opt.init(params))
 
 
 def test_docstring_examples():

@@ -1,7 +1,7 @@
 """Vmapped sweeps (``loop.run_sweep``): members equal separate runs.
 
-Every sweep here has K = 3 members, separate-mode pull and the same data
-shapes, so the tests share one compiled training chunk.
+Every sweep here but SI's has K = 3 members, separate-mode pull and the
+same data shapes, so those tests share one compiled training chunk.
 """
 
 import json
@@ -58,6 +58,13 @@ def _assert_members_equal_separate_runs(config, method, lams, seeds):
 def test_lambdas_vmapped_equal_separate_runs():
   _assert_members_equal_separate_runs(
       _config(), "ewc", (0.5, 5.0, 50.0), (0,))
+
+
+def test_si_members_equal_separate_runs():
+  # SI's path integral lives in the stacked optimiser state, and its
+  # consolidation (fold in, then reset the path) is vmapped per member.
+  _assert_members_equal_separate_runs(_config(epochs=1), "si", (0.5, 5.0),
+                                     (0,))
 
 
 def test_seeds_with_a_fisher_budget_equal_separate_runs():

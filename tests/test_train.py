@@ -124,25 +124,31 @@ def test_si_importance_nonnegative_and_nonzero():
   assert sum(float(jnp.sum(leaf)) for leaf in leaves) > 0
   # The path integral -sum g * delta is positive overall: training lowered
   # the loss.
-  path = sum(float(jnp.sum(w)) for w in jax.tree.leaves(state.omega))
+  path = sum(float(jnp.sum(w))
+             for w in jax.tree.leaves(state.opt_state.omega))
   assert path > 0
 
 
-def test_si_importance_formula():
-  omega = {"w": jnp.array([2.0, -1.0, 0.5])}
-  start = {"w": jnp.array([0.0, 0.0, 1.0])}
-  end = {"w": jnp.array([1.0, 1.0, 1.0])}
-  got = methods.si_importance(omega, end, start, xi=0.1)
-  np.testing.assert_allclose(got["w"], [2.0 / 1.1, 0.0, 0.5 / 0.1],
-                             rtol=1e-6)
+def test_si_importance_is_zenkes_formula_with_the_configs_xi():
+  config, graphdef, state = _trained_si_state()
+  config = dataclasses.replace(config, si_xi=0.25)
+  got = methods.get("si").importance(config, graphdef, state,
+                                     _stream().tasks[0], jax.random.key(0))
+  si = state.opt_state  # the SI wrapper is the outermost optimiser state
+  want = jax.tree.map(lambda w, p, s: np.maximum(w, 0) / ((p - s) ** 2 + 0.25),
+                      si.omega, state.params, si.start)
+  for g, w in zip(jax.tree.leaves(got), jax.tree.leaves(want), strict=True):
+    np.testing.assert_allclose(g, w, rtol=1e-6)
+  assert sum(float(jnp.sum(w)) for w in jax.tree.leaves(want)) > 0
 
 
 def test_si_consolidation_resets_the_path_integral():
   config, graphdef, state = _trained_si_state()
   state = ops.consolidate(methods.get("si"), config, graphdef, state,
                            _stream().tasks[0], jax.random.key(0))
-  assert all(bool(jnp.all(w == 0)) for w in jax.tree.leaves(state.omega))
-  for s, p in zip(jax.tree.leaves(state.start), jax.tree.leaves(state.params),
+  si = state.opt_state
+  assert all(bool(jnp.all(w == 0)) for w in jax.tree.leaves(si.omega))
+  for s, p in zip(jax.tree.leaves(si.start), jax.tree.leaves(state.params),
                   strict=True):
     np.testing.assert_array_equal(s, p)
   assert float(ewc_jax.penalty(state.params, state.opt_state)) == 0.0

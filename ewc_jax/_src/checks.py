@@ -27,26 +27,24 @@ def checked(fisher, finite, params, inputs):
   if not all(tree_lib.is_concrete(f) for f in flags) or all(
       bool(f) for f in jax.device_get(flags)):
     return fisher
-  try:
-    tree_lib.check_finite("params", params)
-  except ValueError as e:
-    raise ValueError(
-        f"{e} The Fisher is taken at these parameters and is non-finite "
-        "too: fix the parameters (a diverged run?) first.") from None
+  _check_finite("params", params,
+                "The Fisher is taken at these parameters and is non-finite "
+                "too: fix the parameters (a diverged run?) first.")
   if inputs is not None:
-    try:
-      tree_lib.check_finite("data inputs", inputs)
-    except ValueError as e:
-      raise ValueError(
-          f"{e} The Fisher is non-finite: Check the data for nan/inf.") from (
-              None)
-  try:
-    tree_lib.check_finite("the Fisher", fisher)
-  except ValueError as e:
-    raise ValueError(
-        f"{e} The parameters are finite. Check the data for nan/inf and the "
-        "model's logits (overflow?).") from None
+    _check_finite("data inputs", inputs,
+                  "The Fisher is non-finite: Check the data for nan/inf.")
+  _check_finite("the Fisher", fisher,
+                "The parameters are finite. Check the data for nan/inf and "
+                "the model's logits (overflow?).")
   return fisher
+
+
+def _check_finite(name, tree, advice):
+  """``tree_lib.check_finite`` with ``advice`` appended to its error."""
+  try:
+    tree_lib.check_finite(name, tree)
+  except ValueError as e:
+    raise ValueError(f"{e} {advice}") from None
 
 
 def num_params(params) -> int:

@@ -90,11 +90,8 @@ def layer_signals(plan, leaves, estimator, num_samples, inputs, labels, keys,
                                 list(leaves) + [x], infos)
       return logits, interp.recorded
 
-    logits, vjp_fn, acts = jax.vjp(forward, zero_perts, has_aux=True)
-    u, w = likelihood.log_likelihood_cotangents(logits, y, key, estimator,
-                                                num_samples)
-    (deltas,) = jax.vmap(vjp_fn)(u.astype(logits.dtype))
-    return acts, deltas, w
+    return likelihood.backprop_cotangents(forward, zero_perts, y, key,
+                                          estimator, num_samples)
 
   acts, deltas, w = jax.vmap(per_example)(inputs, labels, keys)
   # Padding rows copy a real example, so their signals are finite whenever

@@ -120,9 +120,12 @@ def synaptic_intelligence(
   :func:`ewc_jax.ewc` inside ``inner`` add its pull) and the final update
   ``u`` that ``inner`` returns, and accumulates (Zenke et al. 2017)
 
-  .. math:: \omega \leftarrow \omega - g \odot u,
+  .. math:: \omega \leftarrow \omega - g \odot \Delta\theta, \qquad
+    \Delta\theta = \mathrm{apply\_updates}(\theta, u) - \theta,
 
-  ``u`` being the parameter change ``optax.apply_updates`` makes. At a
+  the parameter change ``optax.apply_updates`` makes, as rounded in the
+  parameters' dtype (``u`` itself in exact arithmetic; with bfloat16
+  parameters an update too small to move a parameter adds nothing). At a
   task's end :func:`si_importance` turns ``omega`` into the importance and
   :func:`si_reset` starts the next task. Any optax chain gets SI by being
   wrapped::
@@ -171,11 +174,17 @@ def synaptic_intelligence(
             lambda p: jnp.array(p, jnp.float32, copy=True), params))
 
   def update_fn(updates, state, params=None):
+    if params is None:
+      raise ValueError(
+          "ewc_jax.synaptic_intelligence needs the current parameters: call "
+          "`optimizer.update(grads, opt_state, params)`; params was None.")
     grads = updates
     updates, inner_state = inner.update(grads, state.inner, params)
+    moved = optax.apply_updates(params, updates)
     omega = jax.tree.map(
-        lambda w, g, u: w - g.astype(jnp.float32) * u.astype(jnp.float32),
-        state.omega, grads, updates)
+        lambda w, g, new, old: w - g.astype(jnp.float32) * (
+            new.astype(jnp.float32) - old.astype(jnp.float32)),
+        state.omega, grads, moved, params)
     return updates, SIState(inner_state, omega, state.start)
 
   return optax.GradientTransformation(init_fn, update_fn)

@@ -112,11 +112,8 @@ def _kfac_step(ref, estimator, num_samples, acc, leaves, inputs, labels, key,
           kfac_tracer.leaf_infos(len(leaves)))
       return logits, [walker.acts[i] for i in range(len(plan.layers))]
 
-    logits, vjp_fn, acts = jax.vjp(forward, zero, has_aux=True)
-    u, w = likelihood_lib.log_likelihood_cotangents(logits, y, k, estimator,
-                                                num_samples)
-    (grads,) = jax.vmap(vjp_fn)(u.astype(logits.dtype))
-    return acts, grads, w
+    return likelihood_lib.backprop_cotangents(forward, zero, y, k,
+                                              estimator, num_samples)
 
   acts, grads, w = jax.vmap(per_example)(inputs, labels, keys)
   w = w * mask[:, None]

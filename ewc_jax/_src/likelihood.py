@@ -47,6 +47,26 @@ def log_likelihood_cotangents(logits, labels, key, estimator, num_samples):
   return jax.lax.stop_gradient(u), jax.lax.stop_gradient(w)
 
 
+def backprop_cotangents(forward, primal, labels, key, estimator, num_samples):
+  """Backpropagates one example's :func:`log_likelihood_cotangents`.
+
+  Args:
+    forward: ``forward(primal) -> (logits, aux)`` for one example.
+    primal: what the gradients are taken with respect to.
+    labels, key, estimator, num_samples: as for
+      :func:`log_likelihood_cotangents`.
+
+  Returns:
+    ``(aux, grads, w)``: ``forward``'s ``aux``, the ``K`` gradients with
+    respect to ``primal`` (leading axis ``K``, one forward pass) and their
+    weights ``[K]``.
+  """
+  logits, vjp_fn, aux = jax.vjp(forward, primal, has_aux=True)
+  u, w = log_likelihood_cotangents(logits, labels, key, estimator, num_samples)
+  (grads,) = jax.vmap(vjp_fn)(u.astype(logits.dtype))
+  return aux, grads, w
+
+
 def one_cotangent(estimator: str, num_samples: int) -> bool:
   """Whether the estimator backpropagates one cotangent per example."""
   return estimator in ("empirical", "predicted") or (

@@ -223,12 +223,7 @@ class RunCheckpoints:
     Raises:
       CheckpointWriteError: the write failed.
     """
-    try:
-      self._manager.wait_until_finished()
-    except Exception as e:  # noqa: BLE001
-      raise CheckpointWriteError(
-          f"cannot write a checkpoint in {self.directory} ({_brief(e)})"
-      ) from None
+    self._finish(self._manager.wait_until_finished)
 
   def close(self) -> None:
     """Finishes pending writes and releases orbax's threads.
@@ -236,9 +231,13 @@ class RunCheckpoints:
     Raises:
       CheckpointWriteError: a pending write failed.
     """
+    self._finish(self._manager.close)
+
+  def _finish(self, finish) -> None:
+    """Runs orbax's ``finish``; a failed write is a CheckpointWriteError."""
     try:
-      self._manager.close()
-    except Exception as e:  # noqa: BLE001
+      finish()
+    except Exception as e:  # noqa: BLE001 (orbax/tensorstore raise many)
       raise CheckpointWriteError(
           f"cannot write a checkpoint in {self.directory} ({_brief(e)})"
       ) from None

@@ -15,10 +15,13 @@ optimiser factory and its consolidation.
   one quadratic per task (``mode="separate"``).
 * ``online_ewc``: ``F* <- gamma F* + F`` anchored at the latest parameters
   (Schwarz et al. 2018).
-* ``si``: Synaptic Intelligence (Zenke et al. 2017): the importance
-  ``Omega = max(omega, 0) / (Delta^2 + xi)`` from the path integral
-  ``omega = sum_steps -g * delta_theta`` (``g`` the gradient of the task loss
-  alone, tracked by the training step), folded in online with ``gamma = 1``.
+* ``si``: Synaptic Intelligence (Zenke et al. 2017): the EWC chain wrapped
+  by :func:`ewc_jax.synaptic_intelligence`, which records the path integral
+  ``omega = sum_steps -g * delta_theta`` (``g`` the gradient of the task
+  loss alone, ``delta_theta`` the step's parameter change); after each
+  task :func:`ewc_jax.si_importance`, ``Omega = max(omega, 0) / (Delta^2 +
+  xi)``, is folded in online with ``gamma = 1`` and
+  :func:`ewc_jax.si_reset` starts the next path integral.
   Zenke's surrogate loss ``c sum Omega (theta - theta*)^2`` has no 1/2, so
   the pull uses ``lam = 2 c``. Negative path integrals are clipped at 0: a
   negative curvature would push parameters away.
@@ -72,14 +75,14 @@ class Method:
       run, folded in after every task but the last (``None``: nothing).
     member_importance: the same for stacked members (``keys`` ``[K]``);
       ``None``: one :attr:`importance` call per member.
-    tracks_path: the training state carries SI's path integral.
     joint: trains once on the union of all tasks.
     optimizer: ``(config, graphdef, params, mode) -> tx``, the method's own
       optimiser factory (``None``: :func:`make_optimizer`'s EWC chain). It
       must return the same object for the same model (cache it): the jitted
       training chunk takes ``tx`` as a static argument.
     consolidate: ``(opt_state, params, curvature) -> opt_state``, folds a
-      finished task into the pull's state (vmapped for stacked members).
+      finished task into the pull's state and readies the next task
+      (vmapped for stacked members).
   """
 
   name: str
@@ -89,7 +92,6 @@ class Method:
   uses_gamma: bool = False
   importance: Optional[Importance] = None
   member_importance: Optional[Importance] = None
-  tracks_path: bool = False
   joint: bool = False
   optimizer: Optional[Callable[..., optax.GradientTransformation]] = None
   consolidate: Callable[..., Any] = ewc_jax.consolidate
@@ -157,6 +159,20 @@ def input_shape(config: Any) -> tuple[int, ...]:
   return (side, side)
 
 
+@functools.lru_cache(maxsize=None)
+def make_si_optimizer(base: tuple[Any, ...],
+                      mode: str) -> optax.GradientTransformation:
+  """:func:`make_optimizer`'s chain wrapped by
+  :func:`ewc_jax.synaptic_intelligence` (cached per ``(base, mode)``)."""
+  return ewc_jax.synaptic_intelligence(make_optimizer(base, mode))
+
+
+def si_optimizer(config, graphdef, params, mode):
+  """SI's optimiser: the EWC chain, recording the path integral."""
+  del graphdef, params
+  return make_si_optimizer(base_optimizer(config), mode)
+
+
 def kfac_optimizer(config, graphdef, params, mode):
   """KFAC-EWC's optimiser, on the dense layers of ``graphdef``'s model."""
   layers = ewc_jax.dense_layers(
@@ -203,27 +219,18 @@ def ones_importance(config, graphdef, state, task, key):
   return jax.tree.map(jnp.ones_like, state.params)
 
 
-def si_importance(omega, params, start, xi: float):
-  """SI's importance ``max(omega, 0) / ((params - start)^2 + xi)``.
-
-  Args:
-    omega: the path integral ``sum -g * delta`` of the finished task.
-    params: the parameters at the end of the task.
-    start: the parameters at its start.
-    xi: the damping term.
-
-  Returns:
-    A non-negative float32 tree shaped like ``params``.
-  """
-  return jax.tree.map(
-      lambda w, p, s: jnp.maximum(w, 0.0) / (jnp.square(p - s) + xi),
-      omega, params, start)
-
-
 def si_state_importance(config, graphdef, state, task, key):
-  """SI's importance from the training state (elementwise: stacks work)."""
+  """SI's importance (:func:`ewc_jax.si_importance`) from the training
+  state (elementwise: stacks work)."""
   del graphdef, task, key
-  return si_importance(state.omega, state.params, state.start, config.si_xi)
+  return ewc_jax.si_importance(state.opt_state, state.params,
+                               xi=config.si_xi)
+
+
+def si_consolidate(opt_state, params, curvature):
+  """Folds SI's importance in and starts the next task's path integral."""
+  return ewc_jax.si_reset(ewc_jax.consolidate(opt_state, params, curvature),
+                          params)
 
 
 def fisher_fn(config, graphdef, task, data) -> Callable[[Any, Any], Any]:
@@ -325,7 +332,8 @@ REGISTRY: dict[str, Method] = {m.name: m for m in (
            optimizer=kfac_optimizer, consolidate=ewc_jax.kfac_consolidate),
     Method("si", lam_field="si_c", mode="online", lam_scale=2.0,
            importance=si_state_importance,
-           member_importance=si_state_importance, tracks_path=True),
+           member_importance=si_state_importance, optimizer=si_optimizer,
+           consolidate=si_consolidate),
     Method("joint", joint=True),
 )}
 

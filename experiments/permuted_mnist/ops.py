@@ -37,9 +37,6 @@ def init_state(config: config_lib.Config, method: methods_lib.Method,
       tx = methods_lib.optimizer(method, config, graphdef, params)
     state = steps.State(params=params, opt_state=methods_lib.set_pull(
         tx.init(params), *method.pull(lam, config)))
-    if method.tracks_path:
-      state = dataclasses.replace(
-          state, omega=jax.tree.map(jnp.zeros_like, params), start=params)
     states.append(state)
   state = steps.stack(states) if batched else states[0]
   return graphdef, tx, steps.unalias(state)
@@ -92,7 +89,7 @@ def consolidate(method: methods_lib.Method, config: config_lib.Config,
                 graphdef, state: steps.State, task, key, *,
                 batched: bool = False) -> steps.State:
   """Folds the finished ``task`` into the EWC state with ``method``'s
-  importance (and starts SI's next path integral).
+  importance (SI: and starts the next path integral).
 
   Args:
     method: the method (its importance must not be ``None``).
@@ -111,8 +108,4 @@ def consolidate(method: methods_lib.Method, config: config_lib.Config,
   curvature = ops.importance(config, graphdef, state, task, key)
   state = dataclasses.replace(state, opt_state=ops.consolidate(
       state.opt_state, state.params, curvature))
-  if method.tracks_path:  # SI: a new path integral per task
-    state = dataclasses.replace(
-        state, omega=jax.tree.map(jnp.zeros_like, state.omega),
-        start=state.params)
   return steps.unalias(state)

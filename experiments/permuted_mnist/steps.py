@@ -24,23 +24,20 @@ from experiments.permuted_mnist import stream as stream_lib
 
 @functools.partial(
     jax.tree_util.register_dataclass,
-    data_fields=["params", "opt_state", "omega", "start"], meta_fields=[])
+    data_fields=["params", "opt_state"], meta_fields=[])
 @dataclasses.dataclass(frozen=True)
 class State:
   """Everything the jitted training chunk carries.
 
   Attributes:
     params: the model parameters.
-    opt_state: the optimiser state (holds the EWC state).
-    omega: SI's path integral for the current task, or ``None``.
-    start: the parameters at the start of the current task (SI), or
-      ``None``.
+    opt_state: the optimiser state (holds the EWC state, and SI's path
+      integral when the optimiser is wrapped by
+      ``ewc_jax.synaptic_intelligence``).
   """
 
   params: Any
   opt_state: Any
-  omega: Any = None
-  start: Any = None
 
 
 def loss_fn(graphdef, params, x, y, class_mask, key):
@@ -72,20 +69,18 @@ def shard_batch(*arrays):
 
 
 def step(graphdef, tx, dropout, state: State, x, y, class_mask, key):
-  """One optimiser step; updates SI's path integral when it is tracked."""
+  """One optimiser step.
+
+  ``tx`` gets the task loss's gradient alone: the pull is added inside it,
+  and an SI wrapper around it records its path integral from that gradient.
+  """
   x, y, class_mask = shard_batch(x, y, class_mask)
   key = key if dropout else None
   loss, grads = jax.value_and_grad(
       lambda p: loss_fn(graphdef, p, x, y, class_mask, key))(state.params)
   updates, opt_state = tx.update(grads, state.opt_state, state.params)
   params = optax.apply_updates(state.params, updates)
-  omega = state.omega
-  if omega is not None:
-    # grads is the task loss's gradient only: the pull is added by tx.
-    omega = jax.tree.map(lambda w, g, new, old: w - g * (new - old),
-                         omega, grads, params, state.params)
-  return dataclasses.replace(state, params=params, opt_state=opt_state,
-                             omega=omega), loss
+  return State(params=params, opt_state=opt_state), loss
 
 
 @functools.partial(jax.jit, static_argnums=(0, 1, 2, 3, 4),
@@ -187,8 +182,8 @@ def unalias(state: State) -> State:
   """Copies every leaf, so that no two leaves share a device buffer.
 
   :func:`train_chunk` donates its state, and XLA refuses to donate one
-  buffer twice; ``ewc_jax.ewc``'s init and online consolidation (and SI's
-  ``start = params``) alias leaves.
+  buffer twice; ``ewc_jax.ewc``'s init and online consolidation alias
+  leaves.
   """
   return jax.tree.map(jnp.copy, state)
 
