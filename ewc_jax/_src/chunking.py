@@ -11,9 +11,10 @@ sum.
 
 How large a chunk is depends on the backend. XLA:CPU is fastest with chunks
 of a few hundred examples cut into cache-sized sub-chunks (64 for the
-layer-wise path) and groups of 8 per-example gradients summed by an
-unrolled loop. A GPU or TPU is fastest with thousands of examples at once,
-so that the layer-wise path is a few large matrix products
+layer-wise path, whose convolution gradients go one example at a time) and
+groups of 8 per-example gradients summed by an unrolled loop. A GPU or TPU
+is fastest with thousands of examples at once, so that the layer-wise path
+is a few large matrix products
 ``(x^2)^T (delta^2)``; only memory bounds the chunk there.
 """
 
@@ -48,11 +49,18 @@ class ChunkPlan:
     group: the vmap path's examples per group of per-example gradients.
     unroll: sum a group's squares by an unrolled loop (fuses on XLA:CPU)
       rather than by a reduction over the example axis.
+    loop_examples: the layer-wise path forms the per-example gradients of
+      its "material" layers (convolutions, weights used per token) one
+      example at a time, all of its cotangents at once, rather than for all
+      examples at once, one cotangent at a time. On XLA:CPU the latter makes
+      a convolution's weight gradient a grouped convolution, about 4x
+      slower (see BENCHMARKS.md); an accelerator wants the batched form.
   """
   chunk: int
   sub_chunk: int
   group: int
   unroll: bool
+  loop_examples: bool = False
 
 
 def positive_int(name: str, value: Any) -> int:
@@ -117,7 +125,7 @@ def plan_chunks(batch_size: Optional[int], num_examples: Optional[int], *,
     chunk = min(chunk, round_up(num_examples, 8))
   if cpu:
     return ChunkPlan(chunk, divisor_at_most(chunk, CPU_SUB_CHUNK),
-                     divisor_at_most(chunk, CPU_GROUP), True)
+                     divisor_at_most(chunk, CPU_GROUP), True, True)
   return ChunkPlan(chunk, chunk, chunk, False)
 
 
