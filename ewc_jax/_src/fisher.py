@@ -228,14 +228,28 @@ def _shards(sharding) -> int:
 def _place(tree, rows, size, sharding):
   """``(tree, rows)`` for a sharded program.
 
-  Arrays the program can take (on the mesh, or not tied to a device) go in
-  raw and are stacked in the program (``rows``); others are stacked on the
-  host shard by shard (``None``: already stacked).
+  Arrays already on the mesh (and tracers, inside ``jit``) go in raw and are
+  stacked in the program (``rows``); others (NumPy, arrays on one device)
+  are stacked on the host shard by shard (``None``: already stacked), so
+  that no device receives more than its rows.
   """
-  if all(chunking.on_mesh(x, sharding) for x in jax.tree.leaves(tree)):
-    return tree, rows
+  leaves = jax.tree.leaves(tree)
+  if not all(map(tree_lib.is_concrete, leaves)) or all(
+      chunking.on_mesh(x, sharding) for x in leaves):
+    return tree, rows  # inside jit: stacked in the program, whatever they are
   return jax.tree.map(
       lambda x: chunking.stack_on_mesh(x, rows, size, sharding), tree), None
+
+
+def _mesh_zeros(params, sharding):
+  """Float32 zeros like ``params``, replicated on ``sharding``'s mesh.
+
+  That is where a sharded program puts its output: a stream's running sum
+  then keeps one placement, and its program compiles once.
+  """
+  return jax.device_put(
+      jax.tree.map(lambda p: np.zeros(np.shape(p), np.float32), params),
+      NamedSharding(sharding.mesh, PartitionSpec()))
 
 
 def _int32(labels):
@@ -286,11 +300,9 @@ def _fisher_of_stream(apply_fn, params, data, estimator, key, num_samples,
       apply_fn, params, _pair(first)[0], estimator, num_samples, batch_size,
       max(chunking.leading_size(first, "data"), 1), path, shards)
   size = plan.chunk * shards
-  acc, count = passes.zeros_f32(params), 0
-  if sharding is not None:  # the program's output placement: no recompiling
-    acc = jax.device_put(
-        jax.tree.map(lambda p: np.zeros(np.shape(p), np.float32), params),
-        NamedSharding(sharding.mesh, PartitionSpec()))
+  acc = passes.zeros_f32(params) if sharding is None else _mesh_zeros(
+      params, sharding)
+  count = 0
   for i, (chunk, mask) in enumerate(chunking.chunks(
       itertools.chain([first], batches), size, num_examples, "data")):
     inputs, labels = _pair(chunk)
@@ -408,11 +420,9 @@ def empirical_fisher(
     finite = list(np.asarray(jax.device_get(summary))[:-2])
     inputs = data
   else:
-    acc, denom, size, inputs = passes.zeros_f32(params), 0, None, None
-    if sharding is not None:  # the program's output placement
-      acc = jax.device_put(
-          jax.tree.map(lambda p: np.zeros(np.shape(p), np.float32), params),
-          NamedSharding(sharding.mesh, PartitionSpec()))
+    acc = passes.zeros_f32(params) if sharding is None else _mesh_zeros(
+        params, sharding)
+    denom, size, inputs = 0, None, None
     for batch in chunking.batches(data, "data"):
       size = size or _loss_chunk(batch_size, estimator,
                                  chunking.leading_size(batch, "data"), per,
