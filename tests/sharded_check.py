@@ -94,6 +94,7 @@ for n in (16 * 2 + 3, 16 * 40 + 3):
   assert calls == {"sharded_fisher_program": 1}, calls
 print("ok fisher sharded: one program, compiled once per data shape")
 
+
 def nll(p, example):
   return -jax.nn.log_softmax(apply_fn(p, example[0][None])[0])[example[1]]
 
