@@ -277,6 +277,29 @@ def test_accelerator_plan_gives_the_same_fisher(monkeypatch, path, estimator):
   chex.assert_trees_all_close(got, want, rtol=1e-5, atol=1e-8)
 
 
+@pytest.mark.parametrize("backend,batch_size", [("gpu", None), ("cpu", 2)])
+def test_convolution_gradients_in_either_order(monkeypatch, backend,
+                                               batch_size):
+  # A convolution's per-example gradients: on CPU one example at a time with
+  # its K cotangents at once (checked in test_fast_fisher), unless K (3
+  # classes) exceeds the examples of a sub-chunk (2 here); on an accelerator
+  # all examples at once, one cotangent at a time.
+  monkeypatch.setattr(chunking.jax, "default_backend", lambda: backend)
+  apply_fn, params = models.nnx_apply(models.NNXCNN(nnx.Rngs(0), classes=3))
+  x = jax.random.normal(jax.random.key(1), (6, 8, 8))
+  got = ewc_jax.fisher_diagonal(apply_fn, params, (x, None), path="fast",
+                                batch_size=batch_size)
+
+  def exact(xi):  # sum_c p_c (d log p_c / d theta)^2 from the full Jacobian
+    log_p = lambda p: jax.nn.log_softmax(apply_fn(p, xi[None])[0])  # noqa
+    probs = jnp.exp(log_p(params))
+    return jax.tree.map(lambda j: jnp.einsum("c,c...->...", probs, j ** 2),
+                        jax.jacrev(log_p)(params))
+
+  want = jax.tree.map(lambda t: t.mean(0), jax.jit(jax.vmap(exact))(x))
+  chex.assert_trees_all_close(got, want, rtol=1e-5, atol=1e-8)
+
+
 def test_fewer_examples_than_one_chunk():
   apply_fn, params, x, y = linear_softmax()
   for n in (1, 3):

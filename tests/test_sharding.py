@@ -21,9 +21,11 @@ def test_sharded_fisher_and_train_step_match_single_device():
                         capture_output=True, text=True, env=env, timeout=600)
   assert proc.returncode == 0, proc.stdout + proc.stderr
   lines = proc.stdout.splitlines()
-  assert sum(line.startswith("ok fisher") for line in lines) == 6
-  assert any(line.startswith("ok empirical_fisher") for line in lines)
-  assert any(line.startswith("ok train step") for line in lines)
+  assert sum(line.startswith("ok fisher ") and "sharded == single" in line
+             for line in lines) == 5
+  for check in ("ok fisher sharded: one program", "ok empirical_fisher",
+                "ok train step"):
+    assert any(line.startswith(check) for line in lines), check
 
 
 def test_runner_data_parallel_matches_one_device(tmp_path):

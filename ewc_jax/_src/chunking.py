@@ -11,9 +11,10 @@ sum.
 
 How large a chunk is depends on the backend. XLA:CPU is fastest with chunks
 of a few hundred examples cut into cache-sized sub-chunks (64 for the
-layer-wise path) and groups of 8 per-example gradients summed by an
-unrolled loop. A GPU or TPU is fastest with thousands of examples at once,
-so that the layer-wise path is a few large matrix products
+layer-wise path, whose convolution gradients go one example at a time) and
+groups of 8 per-example gradients summed by an unrolled loop. A GPU or TPU
+is fastest with thousands of examples at once, so that the layer-wise path
+is a few large matrix products
 ``(x^2)^T (delta^2)``; only memory bounds the chunk there.
 """
 
@@ -25,6 +26,8 @@ from typing import Any, Iterator, Optional
 import jax
 import jax.numpy as jnp
 import numpy as np
+from jax.sharding import NamedSharding
+from jax.sharding import PartitionSpec
 
 from ewc_jax._src import tree as tree_lib
 
@@ -46,11 +49,18 @@ class ChunkPlan:
     group: the vmap path's examples per group of per-example gradients.
     unroll: sum a group's squares by an unrolled loop (fuses on XLA:CPU)
       rather than by a reduction over the example axis.
+    loop_examples: the layer-wise path forms the per-example gradients of
+      its "material" layers (convolutions, weights used per token) one
+      example at a time, all of its cotangents at once, rather than for all
+      examples at once, one cotangent at a time. On XLA:CPU the latter makes
+      a convolution's weight gradient a grouped convolution, about 4x
+      slower (see BENCHMARKS.md); an accelerator wants the batched form.
   """
   chunk: int
   sub_chunk: int
   group: int
   unroll: bool
+  loop_examples: bool = False
 
 
 def positive_int(name: str, value: Any) -> int:
@@ -72,7 +82,7 @@ def round_up(n: int, multiple: int) -> int:
 
 def plan_chunks(batch_size: Optional[int], num_examples: Optional[int], *,
                 example_bytes: int, backend: Optional[str] = None,
-                budget: int = MEMORY_BUDGET) -> ChunkPlan:
+                budget: int = MEMORY_BUDGET, shards: int = 1) -> ChunkPlan:
   """The chunking of a pass for ``backend`` (default: JAX's default backend).
 
   Args:
@@ -81,16 +91,27 @@ def plan_chunks(batch_size: Optional[int], num_examples: Optional[int], *,
     example_bytes: estimated temporaries per example of the chosen path.
     backend: ``"cpu"``, ``"gpu"``, ``"tpu"``; ``None`` asks JAX.
     budget: bytes of temporaries one chunk may use on an accelerator.
+    shards: devices that split each chunk's examples (``sharding=``); the
+      plan is then one device's share, ``batch_size / shards`` examples.
 
   Returns:
-    A :class:`ChunkPlan`. An automatic chunk never exceeds the data (rounded
-    up to a multiple of 8), and on an accelerator the chunks are balanced so
-    that the last one is nearly full.
+    A :class:`ChunkPlan` (per device when ``shards > 1``). An automatic chunk
+    never exceeds the data (rounded up to a multiple of 8), and on an
+    accelerator the chunks are balanced so that the last one is nearly full.
   """
   backend = backend or jax.default_backend()
   cpu = backend == "cpu"
   if batch_size is not None:
-    chunk = positive_int("batch_size", batch_size)
+    batch_size = positive_int("batch_size", batch_size)
+    if batch_size % shards:
+      raise ValueError(
+          f"batch_size ({batch_size}) must be divisible by the number of "
+          f"devices that sharding splits the examples over ({shards}).")
+    batch_size //= shards
+  if num_examples is not None:
+    num_examples = -(-num_examples // shards)
+  if batch_size is not None:
+    chunk = batch_size
   elif cpu:
     chunk = CPU_CHUNK
   else:
@@ -104,7 +125,7 @@ def plan_chunks(batch_size: Optional[int], num_examples: Optional[int], *,
     chunk = min(chunk, round_up(num_examples, 8))
   if cpu:
     return ChunkPlan(chunk, divisor_at_most(chunk, CPU_SUB_CHUNK),
-                     divisor_at_most(chunk, CPU_GROUP), True)
+                     divisor_at_most(chunk, CPU_GROUP), True, True)
   return ChunkPlan(chunk, chunk, chunk, False)
 
 
@@ -222,3 +243,93 @@ def check_label_range(low, high, num_classes: int,
     raise ValueError(
         f"{name} must lie in [0, {num_classes}) (the number of logits); got "
         f"values in [{low}, {high}].")
+
+
+def data_axes(sharding: Any) -> tuple:
+  """The mesh axes over which ``sharding`` splits the example axis.
+
+  Raises:
+    ValueError: ``sharding`` is not a ``NamedSharding`` that splits only the
+      leading (example) axis.
+  """
+  if not isinstance(sharding, NamedSharding):
+    raise ValueError(
+        "sharding must be a jax.sharding.NamedSharding that splits the "
+        "example axis, e.g. NamedSharding(mesh, PartitionSpec('data')); got "
+        f"{type(sharding).__name__}.")
+  spec = tuple(sharding.spec)
+  if any(s is not None for s in spec[1:]):
+    raise ValueError(
+        "sharding must split only the leading (example) axis, e.g. "
+        f"PartitionSpec('data'); got {sharding.spec}.")
+  first = spec[0] if spec else None
+  if first is None:
+    return ()
+  return tuple(first) if isinstance(first, (tuple, list)) else (first,)
+
+
+def num_shards(sharding: Any) -> int:
+  """How many parts ``sharding`` cuts the example axis into."""
+  return math.prod(sharding.mesh.shape[a] for a in data_axes(sharding))
+
+
+def chunks_spec(sharding: Any) -> PartitionSpec:
+  """The spec of stacked chunks ``[num_chunks, chunk, ...]``: rows split."""
+  axes = data_axes(sharding)
+  return PartitionSpec(None, axes if axes else None)
+
+
+def on_mesh(x: Any, sharding: Any) -> bool:
+  """``x`` is a tracer, or a JAX array placed on ``sharding``'s devices.
+
+  Such arrays go into a sharded program as they are (XLA moves their rows);
+  others (NumPy, arrays on one device) are better stacked by
+  :func:`stack_on_mesh`: a program would copy them whole to every device.
+  """
+  if not isinstance(x, jax.Array):
+    return False
+  if not tree_lib.is_concrete(x):
+    return True
+  return (getattr(x, "committed", True)
+          and x.sharding.device_set == sharding.device_set)
+
+
+def stack(x, rows: int, size: int):
+  """Rows ``[0, rows)`` of ``x`` as ``[ceil(rows / size), size, ...]``.
+
+  Rows past ``rows`` (the last chunk's padding) repeat row 0, a real example.
+  Works on NumPy and JAX arrays, inside ``jit`` too.
+  """
+  m = -(-rows // size)
+  lib = jnp if isinstance(x, jax.Array) else np
+  if x.shape[0] >= m * size:
+    return lib.reshape(x[:m * size], (m, size) + x.shape[1:])
+  idx = np.arange(m * size)
+  idx = np.where(idx < rows, idx, 0)
+  return lib.reshape(lib.take(x, idx, axis=0), (m, size) + x.shape[1:])
+
+
+def stack_on_mesh(x, rows: int, size: int, sharding: Any) -> jax.Array:
+  """:func:`stack` built shard by shard on the host, placed on the mesh.
+
+  For data that are not on the mesh yet (NumPy arrays, arrays on other
+  devices): each device receives only its rows, every process of a
+  multi-host run builds only its own devices' shards, and no padded copy of
+  the whole data is made.
+  """
+  if isinstance(x, jax.Array) and not x.is_fully_addressable:
+    raise ValueError(
+        "data arrays span devices of other processes but not the sharding's "
+        "mesh: put them on that mesh (jax.device_put) or pass NumPy arrays.")
+  host = np.asarray(x)
+  m = -(-rows // size)
+  idx = np.arange(m * size)
+  idx = np.where(idx < rows, idx, 0).reshape(m, size)
+  target = NamedSharding(sharding.mesh, chunks_spec(sharding))
+
+  def shard(index):
+    return host[idx[index[0], index[1]]][(slice(None), slice(None))
+                                         + tuple(index[2:])]
+
+  return jax.make_array_from_callback((m, size) + host.shape[1:], target,
+                                      shard)

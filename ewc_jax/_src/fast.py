@@ -56,7 +56,8 @@ def chunk_sum(apply_fn, estimator, num_samples, params, inputs, labels, keys,
   def body(i, acc):
     take = lambda a: jax.lax.dynamic_slice_in_dim(a, i * size, size)  # noqa
     part = sub_chunk_sum(plan, leaves, estimator, num_samples, take(inputs),
-                         take(labels), take(keys), take(mask))
+                         take(labels), take(keys), take(mask),
+                         chunk_plan.loop_examples)
     return [a + b for a, b in zip(acc, part)]
 
   out = jax.lax.fori_loop(
@@ -120,11 +121,20 @@ def _identity_sums(plan, f32_leaves, acts, deltas, w):
   return [jnp.abs(g) for g in grads]
 
 
-def _material_sums(plan, f32_leaves, acts, deltas, w):
-  """Other layers: each example's layer gradients, formed and squared."""
-  mids = plan.material_layers
+def _material_sums(plan, f32_leaves, acts, deltas, w, loop_examples):
+  """Other layers: each example's layer gradients, formed and squared.
 
-  def one(a, ds, wk):
+  ``loop_examples`` (XLA:CPU): a ``scan`` over the examples, each with its
+  ``K`` cotangents vmapped; the vmapped weight gradient of a convolution is
+  then an ordinary convolution with ``K x`` more output channels. Otherwise
+  (accelerators, or more cotangents than examples, whose ``K`` gradients at
+  once would take more memory): the examples vmapped and a ``scan`` over the
+  cotangents, which XLA:CPU runs as slow grouped convolutions.
+  """
+  mids = plan.material_layers
+  sub = [f32_leaves[leaf] for leaf in plan.material_leaves]
+
+  def vjp_of(a):
     def layer_outs(sub):
       lv = list(f32_leaves)
       for leaf, x in zip(plan.material_leaves, sub):
@@ -132,13 +142,27 @@ def _material_sums(plan, f32_leaves, acts, deltas, w):
       acts32 = [[v.astype(jnp.float32) for v in layer] for layer in a]
       outs = layers_lib.cut(plan, lv, acts32)
       return [outs[j] for j in mids]
+    return jax.vjp(layer_outs, sub)[1]
 
-    sub = [f32_leaves[leaf] for leaf in plan.material_leaves]
-    _, vjp = jax.vjp(layer_outs, sub)
+  def f32(ds):
+    return [[d.astype(jnp.float32) for d in ds_j] for ds_j in ds]
+
+  if loop_examples and w.shape[1] <= w.shape[0]:
+    def example(acc, ex):
+      a, ds, wk = ex
+      (g,) = jax.vmap(vjp_of(a))(f32(ds))  # each [K, ...]
+      return [c + jnp.einsum("k,k...->...", wk, jnp.square(gi))
+              for c, gi in zip(acc, g)], None
+
+    acc, _ = jax.lax.scan(example, [jnp.zeros_like(s) for s in sub],
+                          (acts, [deltas[j] for j in mids], w))
+    return acc
+
+  def one(a, ds, wk):
+    vjp = vjp_of(a)
 
     def body(acc, k):
-      cot = [[d[k].astype(jnp.float32) for d in ds_j] for ds_j in ds]
-      (g,) = vjp(cot)
+      (g,) = vjp(f32([[d[k] for d in ds_j] for ds_j in ds]))
       return [c + wk[k] * jnp.square(gi) for c, gi in zip(acc, g)], None
 
     acc, _ = jax.lax.scan(body, [jnp.zeros_like(s) for s in sub],
@@ -150,7 +174,7 @@ def _material_sums(plan, f32_leaves, acts, deltas, w):
 
 
 def sub_chunk_sum(plan, leaves, estimator, num_samples, inputs, labels, keys,
-                  mask):
+                  mask, loop_examples=False):
   """One sub-chunk's ``sum_i sum_k w_ik g_ik^2`` as a list of leaves."""
   acts, deltas, w = layer_signals(plan, leaves, estimator, num_samples,
                                   inputs, labels, keys, mask)
@@ -161,7 +185,7 @@ def sub_chunk_sum(plan, leaves, estimator, num_samples, inputs, labels, keys,
     for leaf, s in zip(plan.identity_leaves, sums):
       out[leaf] = s
   if plan.material_layers:
-    sums = _material_sums(plan, f32_leaves, acts, deltas, w)
+    sums = _material_sums(plan, f32_leaves, acts, deltas, w, loop_examples)
     for leaf, s in zip(plan.material_leaves, sums):
       out[leaf] = s
   return out

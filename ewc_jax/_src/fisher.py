@@ -6,6 +6,8 @@ from typing import Any, Callable, Iterable, Optional, Union
 import jax
 import jax.numpy as jnp
 import numpy as np
+from jax.sharding import NamedSharding
+from jax.sharding import PartitionSpec
 
 from ewc_jax._src import checks
 from ewc_jax._src import chunking
@@ -33,7 +35,7 @@ def fisher_diagonal(
     batch_size: Optional[int] = None,
     num_examples: Optional[int] = None,
     path: str = "auto",
-    sharding: Optional[jax.sharding.Sharding] = None,
+    sharding: Optional[jax.sharding.NamedSharding] = None,
 ) -> Any:
   r"""The diagonal Fisher information of a categorical classifier.
 
@@ -112,11 +114,18 @@ def fisher_diagonal(
     path: ``"auto"`` (the fast layer-wise path when the model's structure
       allows, else ``"vmap"``), ``"fast"`` (error if unsupported) or
       ``"vmap"`` (``jax.vmap`` over per-example VJPs; works for any model).
-    sharding: where each chunk's examples go, e.g.
-      ``NamedSharding(mesh, PartitionSpec("data"))``: the per-example work then
-      runs data-parallel and the sum is reduced across the data axis by XLA.
-      ``batch_size`` must be divisible by the number of shards. Parameters
-      may themselves be sharded (FSDP-style); the Fisher takes their sharding.
+    sharding: a ``NamedSharding`` splitting the example axis, e.g.
+      ``NamedSharding(mesh, PartitionSpec("data"))``: data parallelism. With
+      arrays the pass is then ONE program too: the chunks are placed with
+      their rows split over the mesh (NumPy data and arrays off the mesh
+      shard by shard from the host, arrays on the mesh as they are), each
+      device loops over its rows of every chunk, and one ``psum`` adds the
+      devices' sums (``"batched"``: one per chunk). A stream runs that
+      program once per chunk. ``batch_size`` (a whole chunk, all devices)
+      must be divisible by the number of shards. Parameters may themselves
+      be sharded (FSDP-style): the program gathers them once, and the Fisher
+      takes their sharding. Equal to the unsharded pass up to float32
+      rounding (every example keeps its ``"sampled"`` key).
 
   Returns:
     A float32 pytree shaped like ``params``.
@@ -139,9 +148,10 @@ def fisher_diagonal(
   _check_arguments(estimator, path, rng, num_samples, num_examples)
   tree_lib.check_floating("params", params)
   key = rng if rng is not None else jax.random.key(0)
-  if sharding is None and _is_pair(data):
+  if _is_pair(data):
     return _fisher_of_arrays(apply_fn, params, data, estimator, key,
-                             num_samples, batch_size, num_examples, path)
+                             num_samples, batch_size, num_examples, path,
+                             sharding)
   return _fisher_of_stream(apply_fn, params, data, estimator, key,
                            num_samples, batch_size, num_examples, path,
                            sharding)
@@ -189,14 +199,17 @@ def _check_batch_labels(estimator, labels):
 
 
 def _setup(apply_fn, params, inputs, estimator, num_samples, batch_size,
-           num_examples, path):
-  """The number of classes, the path and the chunk plan for this model."""
+           num_examples, path, shards):
+  """The number of classes, the path and the chunk plan for this model.
+
+  With ``shards > 1`` (``sharding=``) the plan is one device's share.
+  """
   num_classes = checks.num_classes(apply_fn, params, inputs)
   chosen = _choose_path(path, apply_fn, params, inputs)
   if estimator == "batched":
     size = BATCHED_SIZE if batch_size is None else batch_size
     return num_classes, chosen, chunking.plan_chunks(
-        size, None, example_bytes=0, backend="cpu")
+        size, None, example_bytes=0, backend="cpu", shards=shards)
   k = num_classes if estimator == "exact" else (
       num_samples if estimator == "sampled" else 1)
   if chosen == "fast":
@@ -205,11 +218,46 @@ def _setup(apply_fn, params, inputs, estimator, num_samples, batch_size,
   else:
     per = 4 * checks.num_params(params) * (2 + (k > 1))
   return num_classes, chosen, chunking.plan_chunks(
-      batch_size, num_examples, example_bytes=per)
+      batch_size, num_examples, example_bytes=per, shards=shards)
+
+
+def _shards(sharding) -> int:
+  return 1 if sharding is None else chunking.num_shards(sharding)
+
+
+def _place(tree, rows, size, sharding):
+  """``(tree, rows)`` for a sharded program.
+
+  Arrays already on the mesh (and tracers, inside ``jit``) go in raw and are
+  stacked in the program (``rows``); others (NumPy, arrays on one device)
+  are stacked on the host shard by shard (``None``: already stacked), so
+  that no device receives more than its rows.
+  """
+  leaves = jax.tree.leaves(tree)
+  if not all(map(tree_lib.is_concrete, leaves)) or all(
+      chunking.on_mesh(x, sharding) for x in leaves):
+    return tree, rows  # inside jit: stacked in the program, whatever they are
+  return jax.tree.map(
+      lambda x: chunking.stack_on_mesh(x, rows, size, sharding), tree), None
+
+
+def _mesh_zeros(params, sharding):
+  """Float32 zeros like ``params``, replicated on ``sharding``'s mesh.
+
+  That is where a sharded program puts its output: a stream's running sum
+  then keeps one placement, and its program compiles once.
+  """
+  return jax.device_put(
+      jax.tree.map(lambda p: np.zeros(np.shape(p), np.float32), params),
+      NamedSharding(sharding.mesh, PartitionSpec()))
+
+
+def _int32(labels):
+  return None if labels is None else labels.astype(jnp.int32)
 
 
 def _fisher_of_arrays(apply_fn, params, data, estimator, key, num_samples,
-                      batch_size, num_examples, path):
+                      batch_size, num_examples, path, sharding):
   inputs, labels = data
   _check_batch_labels(estimator, labels)
   n = chunking.leading_size(data, "data")
@@ -217,13 +265,20 @@ def _fisher_of_arrays(apply_fn, params, data, estimator, key, num_samples,
     n = min(n, num_examples)
   if n == 0:
     raise ValueError("data holds no examples: the Fisher needs at least one.")
+  shards = _shards(sharding)
   num_classes, chosen, plan = _setup(apply_fn, params, inputs, estimator,
-                                     num_samples, batch_size, n, path)
-  if labels is not None:
-    labels = jnp.asarray(labels, jnp.int32)
-  fisher, summary = passes.fisher_program(
-      apply_fn, estimator, num_samples, chosen, plan, n, params, inputs,
-      labels, key)
+                                     num_samples, batch_size, n, path, shards)
+  if sharding is None:
+    labels = None if labels is None else jnp.asarray(labels, jnp.int32)
+    fisher, summary = passes.fisher_program(
+        apply_fn, estimator, num_samples, chosen, plan, n, params, inputs,
+        labels, key)
+  else:
+    (xs, ys), rows = _place((inputs, _int32(labels)), n, plan.chunk * shards,
+                            sharding)
+    fisher, summary = passes.sharded_fisher_program(
+        apply_fn, estimator, num_samples, chosen, plan, sharding, rows, True,
+        params, None, xs, ys, key, 0, n)
   if not tree_lib.is_concrete(summary):
     return fisher  # inside jit or vmap: no values to check
   summary = np.asarray(jax.device_get(summary))  # the one transfer
@@ -240,12 +295,16 @@ def _fisher_of_stream(apply_fn, params, data, estimator, key, num_samples,
   if first is None:
     raise ValueError("data holds no examples: the Fisher needs at least one.")
   # An automatic chunk is planned for the stream's first batch.
+  shards = _shards(sharding)
   num_classes, chosen, plan = _setup(
       apply_fn, params, _pair(first)[0], estimator, num_samples, batch_size,
-      max(chunking.leading_size(first, "data"), 1), path)
-  acc, count = passes.zeros_f32(params), 0
+      max(chunking.leading_size(first, "data"), 1), path, shards)
+  size = plan.chunk * shards
+  acc = passes.zeros_f32(params) if sharding is None else _mesh_zeros(
+      params, sharding)
+  count = 0
   for i, (chunk, mask) in enumerate(chunking.chunks(
-      itertools.chain([first], batches), plan.chunk, num_examples, "data")):
+      itertools.chain([first], batches), size, num_examples, "data")):
     inputs, labels = _pair(chunk)
     real = int(mask.sum())
     _check_batch_labels(estimator, labels)
@@ -253,13 +312,16 @@ def _fisher_of_stream(apply_fn, params, data, estimator, key, num_samples,
       real_labels = np.asarray(jax.device_get(labels[:real]))
       chunking.check_label_range(real_labels.min(), real_labels.max(),
                                  num_classes)
-    labels = None if labels is None else jnp.asarray(labels, jnp.int32)
-    mask = jnp.asarray(mask)
     if sharding is not None:
-      inputs, labels, mask = jax.device_put((inputs, labels, mask), sharding)
-    acc = passes.fisher_step(apply_fn, estimator, num_samples, chosen, plan,
-                             acc, params, inputs, labels,
-                             jax.random.fold_in(key, i), mask)
+      (xs, ys), rows = _place((inputs, _int32(labels)), size, size, sharding)
+      acc, _ = passes.sharded_fisher_program(
+          apply_fn, estimator, num_samples, chosen, plan, sharding, rows,
+          False, params, acc, xs, ys, key, i, real)
+    else:
+      labels = None if labels is None else jnp.asarray(labels, jnp.int32)
+      acc = passes.fisher_step(apply_fn, estimator, num_samples, chosen, plan,
+                               acc, params, inputs, labels,
+                               jax.random.fold_in(key, i), jnp.asarray(mask))
     count += real
   if count == 0:
     raise ValueError("data holds no examples: the Fisher needs at least one.")
@@ -286,7 +348,7 @@ def empirical_fisher(
     estimator: str = "empirical",
     batch_size: Optional[int] = None,
     num_examples: Optional[int] = None,
-    sharding: Optional[jax.sharding.Sharding] = None,
+    sharding: Optional[jax.sharding.NamedSharding] = None,
 ) -> Any:
   r"""The empirical diagonal Fisher of any model with a per-example loss.
 
@@ -324,8 +386,8 @@ def empirical_fisher(
     batch_size: examples per chunk (the mini-batch of ``"batched"``);
       ``None``: 64 on CPU and for ``"batched"``, larger chunks on a GPU/TPU.
     num_examples: use at most this many examples.
-    sharding: where each chunk's examples go (data parallelism), as in
-      :func:`fisher_diagonal`.
+    sharding: a ``NamedSharding`` splitting the example axis (data
+      parallelism, one program over arrays), as in :func:`fisher_diagonal`.
 
   Returns:
     A float32 pytree shaped like ``params``.
@@ -337,33 +399,48 @@ def empirical_fisher(
   if num_examples is not None:
     chunking.positive_int("num_examples", num_examples)
   per = 8 * checks.num_params(params)
-  if sharding is None and chunking.is_batch(data):
+  shards = _shards(sharding)
+  if chunking.is_batch(data):
     n = chunking.leading_size(data, "data")
     n = n if num_examples is None else min(n, num_examples)
     if n == 0:
       raise ValueError(
           "data holds no examples: the Fisher needs at least one.")
-    size = _loss_chunk(batch_size, estimator, n, per)
-    fisher, summary = passes.loss_program(loss_fn, estimator, size, n,
-                                          params, data)
+    size = _loss_chunk(batch_size, estimator, n, per, shards)
+    if sharding is None:
+      fisher, summary = passes.loss_program(loss_fn, estimator, size, n,
+                                            params, data)
+    else:
+      tree, rows = _place(data, n, size * shards, sharding)
+      fisher, summary = passes.sharded_loss_program(
+          loss_fn, estimator, size, sharding, rows, True, params, None, tree,
+          n)
     if not tree_lib.is_concrete(summary):
       return fisher
     finite = list(np.asarray(jax.device_get(summary))[:-2])
     inputs = data
   else:
-    acc, denom, size, inputs = passes.zeros_f32(params), 0, None, None
+    acc = passes.zeros_f32(params) if sharding is None else _mesh_zeros(
+        params, sharding)
+    denom, size, inputs = 0, None, None
     for batch in chunking.batches(data, "data"):
       size = size or _loss_chunk(batch_size, estimator,
-                                 chunking.leading_size(batch, "data"), per)
-      for chunk, mask in chunking.chunks([batch], size, num_examples, "data"):
-        mask_dev = jnp.asarray(mask)
-        if sharding is not None:
-          chunk, mask_dev = jax.device_put((chunk, mask_dev), sharding)
-        acc = passes.loss_step(loss_fn, estimator, acc, params, chunk,
-                               mask_dev)
-        denom += int(mask.sum())
+                                 chunking.leading_size(batch, "data"), per,
+                                 shards)
+      for chunk, mask in chunking.chunks([batch], size * shards, num_examples,
+                                         "data"):
+        real = int(mask.sum())
+        if sharding is None:
+          acc = passes.loss_step(loss_fn, estimator, acc, params, chunk,
+                                 jnp.asarray(mask))
+        else:
+          tree, rows = _place(chunk, size * shards, size * shards, sharding)
+          acc, _ = passes.sharded_loss_program(
+              loss_fn, estimator, size, sharding, rows, False, params, acc,
+              tree, real)
+        denom += real
         if num_examples is not None:
-          num_examples -= int(mask.sum())
+          num_examples -= real
       if num_examples is not None and num_examples <= 0:
         break
     if denom == 0:
@@ -375,10 +452,12 @@ def empirical_fisher(
   return checks.checked(fisher, finite, params, inputs)
 
 
-def _loss_chunk(batch_size, estimator, n, example_bytes):
+def _loss_chunk(batch_size, estimator, n, example_bytes, shards):
+  """Examples per chunk (per device when ``shards > 1``)."""
   if batch_size is None and estimator == "batched":
-    return 64
-  plan = chunking.plan_chunks(batch_size, n, example_bytes=example_bytes)
+    batch_size = 64
+  plan = chunking.plan_chunks(batch_size, n, example_bytes=example_bytes,
+                              shards=shards)
   if batch_size is None and jax.default_backend() == "cpu":
     return min(64, plan.chunk)
   return plan.chunk
