@@ -257,12 +257,13 @@ def kfac_ewc(
   latest task's parameters) by a loop over the filled slots: a step costs
   ``t (n^2 d_out + n d_out^2)`` per layer after ``t`` tasks (``n = d_in +
   1``), the memory is that of ``max_tasks`` tasks from the start. (One
-  batched product over all slots, empty ones zero, measured 1.5 to 3x
-  slower on a CPU: it pays for empty slots and writes a ``[max_tasks, n,
-  d_out]`` intermediate.) Separate mode keeps each task's anchor and forms
-  ``Theta - Theta*_k`` exactly, rather than the equal
-  ``sum_k A_k Theta G_k - C`` (``C`` fixed at consolidation) whose
-  difference of large terms loses float32 digits near the anchors. The loop
+  batched product over all slots, empty ones zero, pays for the empty
+  slots and writes a ``[max_tasks, n, d_out]`` intermediate: on a 2-core
+  CPU it measured 1.5x slower than the loop with every slot filled.)
+  Separate mode keeps each task's anchor and forms ``Theta - Theta*_k``
+  exactly, rather than the equal ``sum_k A_k Theta G_k - C`` (``C`` fixed
+  at consolidation) whose difference of large terms loses float32 digits
+  near the anchors. The loop
   has a traced trip count, so the update is not reverse-differentiable in
   this form (differentiate :func:`ewc_jax.kfac_penalty` instead).
 
