@@ -1,5 +1,7 @@
 """KFAC curvature, penalty and transformation against explicit computations."""
 
+import functools
+
 import chex
 import jax
 import jax.numpy as jnp
@@ -200,15 +202,17 @@ def test_one_step_equals_optimiser_on_loss_plus_penalty(inner):
   chex.assert_trees_all_close(upd, ref, rtol=1e-5, atol=1e-6)
 
 
-@pytest.mark.parametrize("mode,gamma", [("separate", 1.0), ("online", 0.5)])
-def test_several_tasks_follow_the_documented_recursion(mode, gamma):
+@pytest.mark.parametrize("gamma", [1.0, 0.5])
+def test_pooled_online_follows_the_documented_recursion(gamma):
+  # max_tasks=None: A_sum, G_sum and W decayed by gamma, precision
+  # (A_sum kron G_sum) / W, anchored at the latest task.
   p = _mlp_params([3, 4, 2], True)
   xs = [jax.random.normal(jax.random.key(20 + t), (6, 3)) for t in range(2)]
   anchors = [jax.tree.map(lambda q, t=t: q + 0.1 * (t + 1), p)
              for t in range(2)]
   curvs = [ewc_jax.kfac_fisher(_mlp, a, (x, None))
            for a, x in zip(anchors, xs)]
-  opt = ewc_jax.kfac_ewc(1.0, curvs[0].layers, mode=mode, gamma=gamma)
+  opt = ewc_jax.kfac_ewc(1.0, curvs[0].layers, gamma=gamma)
   state = opt.init(p)
   for a, c in zip(anchors, curvs):
     state = ewc_jax.kfac_consolidate(state, a, c)
@@ -218,12 +222,223 @@ def test_several_tasks_follow_the_documented_recursion(mode, gamma):
                                      gamma * c0.g + c1.g)
             for c0, c1 in zip(curvs[0].factors, curvs[1].factors)),
       curvs[0].diagonal, curvs[0].layers)
-  center = anchors[1] if mode == "online" else jax.tree.map(
-      lambda a, b: (a + b) / 2, *anchors)
   upd, _ = jax.jit(opt.update)(jax.tree.map(jnp.zeros_like, p), state, p)
   ref = jax.jit(jax.grad(
-      lambda q: ewc_jax.kfac_penalty(q, center, pooled, 1.0)))(p)
+      lambda q: ewc_jax.kfac_penalty(q, anchors[1], pooled, 1.0)))(p)
   chex.assert_trees_all_close(upd, ref, rtol=1e-5, atol=1e-6)
+
+
+def _scaled_mlp(p, x):
+  """The MLP times a per-class ``scale``: a leaf with a diagonal Fisher."""
+  return _mlp({k: v for k, v in p.items() if k != "scale"}, x) * p["scale"]
+
+
+@functools.lru_cache(maxsize=None)
+def _three_tasks(bias):
+  """Params, 3 task anchors and curvatures (cached: only read by tests)."""
+  p = dict(_mlp_params([3, 4, 2], bias), scale=jnp.array([1.2, 0.8]))
+  anchors, curvs = [], []
+  for t in range(3):
+    anchor = jax.tree.map(
+        lambda q, t=t: q + 0.3 * jax.random.normal(jax.random.key(40 + t),
+                                                   q.shape), p)
+    x = jax.random.normal(jax.random.key(50 + t), (7, 3))
+    anchors.append(anchor)
+    curvs.append(ewc_jax.kfac_fisher(_scaled_mlp, anchor, (x, None)))
+  return p, anchors, curvs
+
+
+def _layer_vec(q, i, bias):
+  d = q[f"w{i}"]
+  if bias:
+    d = jnp.concatenate([d, q[f"b{i}"][None]])
+  return d.reshape(-1)  # row-major, as A kron G acts
+
+
+def _explicit_sum(q, anchors, curvs, weights, online, bias, lam):
+  """(lam/2) sum_k w_k [vec(D_k)^T (A_k kron G_k) vec(D_k) + F_k d_k^2]."""
+  total = 0.0
+  for k, (anchor, c) in enumerate(zip(anchors, curvs)):
+    centre = anchors[-1] if online else anchor
+    for i, f in enumerate(c.factors):
+      kron = np.kron(np.asarray(f.a), np.asarray(f.g))
+      v = _layer_vec(q, i, bias) - _layer_vec(centre, i, bias)
+      total += weights[k] * v @ kron @ v
+    total += weights[k] * jnp.sum(
+        c.diagonal["scale"] * (q["scale"] - centre["scale"]) ** 2)
+  return 0.5 * lam * total
+
+
+@pytest.mark.parametrize("bias", [True, False])
+@pytest.mark.parametrize("mode,gamma", [("separate", 1.0), ("online", 0.6)])
+def test_per_task_pull_is_the_gradient_of_the_explicit_kronecker_sum(
+    mode, gamma, bias):
+  p, anchors, curvs = _three_tasks(bias)
+  assert [ly.kernel for ly in curvs[0].layers] == ["['w0']", "['w1']"]
+  lam = 3.0
+  opt = ewc_jax.kfac_ewc(lam, curvs[0].layers, mode=mode, gamma=gamma,
+                         max_tasks=4)  # one slot left empty
+  state = opt.init(p)
+  for a, c in zip(anchors, curvs):
+    state = ewc_jax.kfac_consolidate(state, a, c)
+  here = jax.tree.map(lambda q: 0.5 * q, p)
+  upd, _ = jax.jit(opt.update)(jax.tree.map(jnp.zeros_like, p), state, here)
+  weights = [gamma ** (2 - k) for k in range(3)]
+  ref = jax.grad(_explicit_sum)(here, anchors, curvs, weights,
+                                mode == "online", bias, lam)
+  chex.assert_trees_all_close(upd, ref, rtol=2e-5, atol=1e-6)
+  # The sum is not the pooled approximation (the test could fail).
+  pooled = ewc_jax.kfac_ewc(lam, curvs[0].layers, gamma=gamma)
+  ps = pooled.init(p)
+  for a, c in zip(anchors, curvs):
+    ps = ewc_jax.kfac_consolidate(ps, a, c)
+  other, _ = pooled.update(jax.tree.map(jnp.zeros_like, p), ps, here)
+  assert not np.allclose(other["w0"], ref["w0"], rtol=1e-2)
+
+
+@pytest.mark.parametrize("mode", ["separate", "online"])
+def test_one_jitted_step_is_traced_once_across_three_consolidations(mode):
+  p, anchors, curvs = _three_tasks(True)
+  opt = optax.chain(ewc_jax.kfac_ewc(1.0, curvs[0].layers, mode=mode,
+                                     max_tasks=3), optax.adam(1e-2))
+  traces = {"step": 0, "fold": 0}
+  x = jax.random.normal(jax.random.key(60), (5, 3))
+
+  @jax.jit
+  def step(params, state):
+    traces["step"] += 1
+    grads = jax.grad(lambda q: jnp.sum(_scaled_mlp(q, x) ** 2))(params)
+    upd, state = opt.update(grads, state, params)
+    return optax.apply_updates(params, upd), state
+
+  @jax.jit
+  def fold(state, params, curvature):
+    traces["fold"] += 1
+    return ewc_jax.kfac_consolidate(state, params, curvature)
+
+  state = opt.init(p)
+  q = p
+  for a, c in zip(anchors, curvs):
+    q, state = step(q, state)
+    state = fold(state, a, c)
+  q, state = step(q, state)
+  assert traces == {"step": 1, "fold": 1}
+  assert int(optax.tree_utils.tree_get(state, "kfac_num_tasks")) == 3
+  assert np.all(np.isfinite(np.asarray(q["w0"])))
+
+
+def test_separate_mode_needs_max_tasks_and_a_full_store_is_refused():
+  p, anchors, curvs = _three_tasks(True)
+  layers = curvs[0].layers
+  with pytest.raises(ValueError, match='needs max_tasks.*mode="online"'):
+    ewc_jax.kfac_ewc(1.0, layers, mode="separate")
+  with pytest.raises(ValueError, match="max_tasks must be None or an int"):
+    ewc_jax.kfac_ewc(1.0, layers, max_tasks=0)
+  opt = ewc_jax.kfac_ewc(1.0, layers, mode="separate", max_tasks=2)
+  state = opt.init(p)
+  for a, c in zip(anchors[:2], curvs[:2]):
+    state = ewc_jax.kfac_consolidate(state, a, c)
+  with pytest.raises(ValueError, match="holds 2 tasks, its max_tasks=2"):
+    ewc_jax.kfac_consolidate(state, anchors[2], curvs[2])
+  # Under jit no error can be raised: the state is poisoned with nan, and
+  # the count records the overflow for the next check outside jit.
+  poisoned = jax.jit(ewc_jax.kfac_consolidate)(state, anchors[2], curvs[2])
+  assert int(poisoned.kfac_num_tasks) == 3
+  upd, _ = opt.update(jax.tree.map(jnp.zeros_like, p), poisoned, p)
+  for k in ("w0", "b0", "w1", "b1", "scale"):
+    assert np.all(np.isnan(np.asarray(upd[k]))), k
+  with pytest.raises(ValueError, match="holds 3 tasks, its max_tasks=2"):
+    ewc_jax.kfac_consolidate(poisoned, anchors[2], curvs[2])
+  # One task short of the limit is not poisoned.
+  ok = jax.jit(ewc_jax.kfac_consolidate)(opt.init(p), anchors[0], curvs[0])
+  upd, _ = opt.update(jax.tree.map(jnp.zeros_like, p), ok, p)
+  assert all(np.all(np.isfinite(np.asarray(u))) for u in jax.tree.leaves(upd))
+
+
+def _nested():
+  keys = jax.random.split(jax.random.key(70), 2)
+  params = {"body": {"w": jax.random.normal(keys[0], (3, 4)) / 2,
+                     "b": jnp.full((4,), 0.1)},
+            "head": {"w": jax.random.normal(keys[1], (4, 2)) / 2,
+                     "b": jnp.zeros(2)}}
+
+  def apply_fn(q, x):
+    h = jnp.tanh(x @ q["body"]["w"] + q["body"]["b"])
+    return h @ q["head"]["w"] + q["head"]["b"]
+
+  return apply_fn, params
+
+
+@pytest.mark.parametrize("mask", [
+    {"body": True, "head": False},  # a prefix: one MaskedNode for the head
+    {"body": {"w": True, "b": True}, "head": {"w": False, "b": False}}])
+def test_kfac_ewc_under_optax_masked_holds_only_the_kept_layers(mask):
+  apply_fn, params = _nested()
+  x = jax.random.normal(jax.random.key(71), (6, 3))
+  curv = ewc_jax.kfac_fisher(apply_fn, params, (x, None))
+  assert [ly.kernel for ly in curv.layers] == ["['body']['w']",
+                                               "['head']['w']"]
+  opt = optax.masked(ewc_jax.kfac_ewc(2.0, curv.layers, mode="separate",
+                                      max_tasks=2), mask)
+  state = opt.init(params)
+  inner = optax.tree_utils.tree_get(state, "KFACEWCState")
+  assert [ly.kernel for ly in inner.layers.layers] == ["['body']['w']"]
+  anchor2 = jax.tree.map(lambda q: q - 0.2, params)
+  state = ewc_jax.kfac_consolidate(state, params, curv)
+  state = ewc_jax.kfac_consolidate(state, anchor2, curv)
+  here = jax.tree.map(lambda q: q + 0.3, params)
+  grads = jax.tree.map(jnp.ones_like, params)
+  upd, _ = jax.jit(opt.update)(grads, state, here)
+  f = curv.factors[0]
+  mat = lambda q: jnp.concatenate([q["body"]["w"], q["body"]["b"][None]])
+  pull = 2.0 * sum(f.a @ (mat(here) - mat(a)) @ f.g
+                   for a in (params, anchor2))
+  np.testing.assert_allclose(upd["body"]["w"], 1.0 + pull[:3], rtol=1e-5)
+  np.testing.assert_allclose(upd["body"]["b"], 1.0 + pull[3], rtol=1e-5)
+  chex.assert_trees_all_equal(upd["head"], grads["head"])  # untouched
+  with pytest.raises(ValueError, match="mask both or neither"):
+    optax.masked(ewc_jax.kfac_ewc(1.0, curv.layers),
+                 {"body": {"w": True, "b": False}, "head": True}).init(params)
+
+
+def test_tree_get_and_set_in_a_chain_holding_ewc_and_kfac_ewc():
+  p, anchors, curvs = _three_tasks(True)
+  opt = optax.chain(
+      ewc_jax.ewc(1.0, mode="online", gamma=0.9),
+      ewc_jax.kfac_ewc(1.0, curvs[0].layers, gamma=0.5, max_tasks=3),
+      optax.sgd(1.0))
+  state = opt.init(p)
+  get = optax.tree_utils.tree_get
+  assert float(get(state, "gamma")) == pytest.approx(0.9)
+  assert float(get(state, "kfac_gamma")) == 0.5
+  assert get(state, "mode") == "online" and get(state, "kfac_mode") == "online"
+  assert int(get(state, "num_tasks")) == 0 == int(get(state, "kfac_num_tasks"))
+  assert "lam" not in ewc_jax.KFACEWCState._fields
+  state = optax.tree_utils.tree_set(state, kfac_gamma=jnp.float32(0.25))
+  assert float(get(state, "gamma")) == pytest.approx(0.9)  # EWC's untouched
+  for a, c in zip(anchors, curvs):
+    state = ewc_jax.kfac_consolidate(state, a, c)
+  np.testing.assert_allclose(get(state, "weight"), [0.0625, 0.25, 1.0])
+  assert int(get(state, "num_tasks")) == 0  # the EWC state is separate
+
+
+def test_injected_lam_is_read_from_the_hyperparameters():
+  p, anchors, curvs = _three_tasks(False)
+  opt = optax.inject_hyperparams(ewc_jax.kfac_ewc, static_args=(
+      "gamma", "max_tasks"))(lam=1.0, layers=curvs[0].layers,
+                             mode="separate", max_tasks=1)
+  state = ewc_jax.kfac_consolidate(opt.init(p), anchors[0], curvs[0])
+  zeros = jax.tree.map(jnp.zeros_like, p)
+  step = jax.jit(opt.update)
+  one, _ = step(zeros, state, p)
+  state = optax.tree_utils.tree_set(state, lam=jnp.float32(4.0))
+  four, _ = step(zeros, state, p)
+  chex.assert_trees_all_close(four, jax.tree.map(lambda u: 4 * u, one),
+                              rtol=1e-6)
+  assert step._cache_size() == 1
+  with pytest.raises(TypeError, match="static_args"):
+    optax.inject_hyperparams(ewc_jax.kfac_ewc)(
+        lam=1.0, layers=curvs[0].layers, max_tasks=2).init(p)
 
 
 def test_no_retrace_across_three_consolidations():
@@ -248,7 +463,7 @@ def test_no_retrace_across_three_consolidations():
   p, state = step(p, state)
   assert int(jax.tree.leaves(
       state, is_leaf=lambda s: isinstance(s, ewc_jax.KFACEWCState))[0]
-             .num_tasks) == 3
+             .kfac_num_tasks) == 3
 
 
 def test_bad_inputs_name_the_problem():
@@ -268,7 +483,7 @@ def test_bad_inputs_name_the_problem():
   with pytest.raises(ValueError, match="layers must be a tuple"):
     ewc_jax.kfac_ewc(1.0, "w0")
   with pytest.raises(ValueError, match="gamma decays old tasks only"):
-    ewc_jax.kfac_ewc(1.0, (), gamma=0.5)
+    ewc_jax.kfac_ewc(1.0, (), mode="separate", gamma=0.5, max_tasks=2)
   curv = ewc_jax.kfac_fisher(_mlp, p, (x, None))
   small = _mlp_params([3, 2], True)
   opt = ewc_jax.kfac_ewc(1.0, ewc_jax.dense_layers(_mlp, small, x))

@@ -3,6 +3,7 @@
 import jax
 import jax.numpy as jnp
 import numpy as np
+import optax
 import pytest
 
 import ewc_jax
@@ -24,7 +25,8 @@ def _stream():
   return tiny.stream(num_tasks=2)
 
 
-@pytest.mark.parametrize("method", ["mas", "kfac_ewc", "online_kfac_ewc"])
+@pytest.mark.parametrize("method", ["mas", "kfac_ewc", "online_kfac_ewc",
+                                    "online_kfac_ewc_sum"])
 def test_new_methods_run_end_to_end(method):
   result = loop.run_method(_config(), _stream(), method, 0, 10.0)
   assert result.method == method and result.R.shape == (2, 2)
@@ -72,9 +74,13 @@ def test_kfac_consolidation_folds_the_task_into_the_pull():
   inner = [s for s in jax.tree.leaves(
       state.opt_state, is_leaf=lambda s: isinstance(s, ewc_jax.KFACEWCState))
            if isinstance(s, ewc_jax.KFACEWCState)]
-  assert len(inner) == 1 and int(inner[0].num_tasks) == 1
-  assert float(inner[0].lam) == 3.0 and all(
-      float(jnp.trace(a)) > 0 for a in inner[0].a)
+  assert len(inner) == 1 and int(inner[0].kfac_num_tasks) == 1
+  assert float(optax.tree_utils.tree_get(state.opt_state, "lam")) == 3.0
+  # Separate mode: a per-task store with num_tasks slots, task 1 in slot 0.
+  assert inner[0].kfac_mode == "separate"
+  np.testing.assert_array_equal(inner[0].weight, [1.0, 0.0])
+  assert all(a.shape[0] == config.num_tasks and float(jnp.trace(a[0])) > 0
+             and float(jnp.abs(a[1]).max()) == 0 for a in inner[0].a)
 
 
 def test_online_kfac_keeps_gamma_in_its_state_through_updates():
@@ -84,7 +90,8 @@ def test_online_kfac_keeps_gamma_in_its_state_through_updates():
   grads = jax.tree.map(jnp.zeros_like, state.params)
   _, opt_state = tx.update(grads, state.opt_state, state.params)
   inner = opt_state[0].inner_state
-  assert float(inner.gamma) == pytest.approx(0.7) and bool(inner.online)
+  assert float(inner.kfac_gamma) == pytest.approx(0.7)
+  assert inner.kfac_mode == "online" and inner.weight.ndim == 0  # pooled
 
 
 @pytest.mark.parametrize("method", ["kfac_ewc"])
@@ -93,6 +100,28 @@ def test_vmapped_members_equal_separate_runs(method):
   for lam, result in zip([0.0, 10.0], out.results):
     one = loop.run_method(_config(), _stream(), method, 0, lam)
     np.testing.assert_allclose(result.R, one.R, atol=1e-6)
+
+
+def test_the_memory_budget_counts_the_per_task_kfac_store(monkeypatch):
+  from experiments.permuted_mnist import budget
+  # MLP 784-8-10: kernels [784, 8] and [8, 10], each taken with a bias.
+  per_slot = (785**2 + 8**2) + (9**2 + 10**2)
+  anchors = 785 * 8 + 9 * 10
+  sizes = {m: budget.kfac_store_bytes(_config(methods=(m,)), 10)
+           for m in ("finetune", "online_kfac_ewc", "online_kfac_ewc_sum",
+                     "kfac_ewc")}
+  assert sizes == {"finetune": 0, "online_kfac_ewc": 4 * per_slot,
+                   "online_kfac_ewc_sum": 4 * 2 * per_slot,
+                   "kfac_ewc": 4 * 2 * (per_slot + anchors)}
+  config = _config(methods=("finetune", "kfac_ewc"))
+  need = budget.estimate_bytes(config, tiny.dataset(), members=3)
+  assert need["kfac"] == 3 * sizes["kfac_ewc"]
+  # Room for everything but half the store: refused up front, by name.
+  monkeypatch.setattr(budget, "available_bytes", lambda: (
+      2 * need["data"] + need["state"] - need["kfac"] // 2))
+  with pytest.raises(budget.MemoryBudgetError,
+                     match="KFAC-EWC's per-task factors"):
+    budget.check_memory(config, tiny.dataset(), members=3)
 
 
 class _Interrupted(Exception):
@@ -120,7 +149,7 @@ def test_kfac_ewc_resumes_to_the_same_result(tmp_path):
 
 
 def test_new_methods_have_strength_fields():
-  for name in ("mas", "kfac_ewc", "online_kfac_ewc"):
+  for name in ("mas", "kfac_ewc", "online_kfac_ewc", "online_kfac_ewc_sum"):
     assert name in config_lib.METHODS
     field = config_lib.LAM_FIELDS[name]
     assert getattr(config_lib.Config(), field)

@@ -14,11 +14,17 @@ def _is_array(x: Any) -> bool:
   return isinstance(x, (jax.Array, np.ndarray, np.generic))
 
 
-def check_lam(lam: Any) -> None:
+def check_lam(lam: Any, transform: str = "ewc_jax.ewc",
+              static_args: str = "('mode',)") -> None:
   """Raises a clear error unless ``lam`` is a finite real scalar >= 0.
 
   Traced values (inside ``jax.jit``, or injected by
   ``optax.inject_hyperparams``) are checked for dtype and shape only.
+
+  Args:
+    lam: the value to check.
+    transform: the transformation named in the schedule hint.
+    static_args: its ``static_args`` for ``optax.inject_hyperparams``.
 
   Raises:
     TypeError: ``lam`` is not a real number or real scalar array.
@@ -27,7 +33,7 @@ def check_lam(lam: Any) -> None:
   if callable(lam) and not _is_array(lam):
     raise TypeError(
         "lam must be a number >= 0, got a callable; for a schedule use "
-        "optax.inject_hyperparams(ewc_jax.ewc, static_args=('mode',))"
+        f"optax.inject_hyperparams({transform}, static_args={static_args})"
         "(lam=schedule).")
   is_number = isinstance(lam, numbers.Real) and not isinstance(lam, bool)
   is_real_array = ((_is_array(lam) or isinstance(lam, jax.core.Tracer))
@@ -45,8 +51,14 @@ def check_lam(lam: Any) -> None:
       raise ValueError(f"lam must be a finite number >= 0, got {value}.")
 
 
-def check_gamma(gamma: Any) -> float:
+def check_gamma(gamma: Any, field: str = "EWCState.gamma",
+                static_args: str = "('mode', 'gamma')") -> float:
   """``gamma`` (None: 1) as a float, or a clear error.
+
+  Args:
+    gamma: the value to check.
+    field: the state field that holds it (named in the array hint).
+    static_args: the ``static_args`` that hint suggests.
 
   Raises:
     TypeError: ``gamma`` is an array (say injected by
@@ -56,12 +68,13 @@ def check_gamma(gamma: Any) -> float:
   if gamma is None:
     return 1.0
   if _is_array(gamma) or isinstance(gamma, jax.core.Tracer):
+    name = field.rsplit(".", 1)[-1]
     raise TypeError(
         "gamma arrived as an array: it is consolidation data kept in "
-        "EWCState.gamma, not an update hyperparameter. With "
-        "optax.inject_hyperparams list it as static (static_args=('mode', "
-        "'gamma')); to change it later use "
-        "optax.tree_utils.tree_set(opt_state, gamma=...).")
+        f"{field}, not an update hyperparameter. With "
+        "optax.inject_hyperparams list it as static (static_args="
+        f"{static_args}); to change it later use "
+        f"optax.tree_utils.tree_set(opt_state, {name}=...).")
   if isinstance(gamma, bool) or not isinstance(gamma, numbers.Real):
     raise TypeError(f"gamma must be a number in (0, 1], got {gamma!r}.")
   if not 0.0 < float(gamma) <= 1.0:

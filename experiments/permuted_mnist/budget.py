@@ -11,7 +11,13 @@ example once, ``4 (n + m) d``), twice with ``joint`` (its union of every
 task's training data); the host builds the same arrays first. Training
 holds about 12 float32 copies of the ``P`` parameters per member (params,
 Adam's two moments, gradients, EWC anchor and Fisher sums, SI's path
-integral and start), ``K`` members in a vmapped sweep.
+integral and start), ``K`` members in a vmapped sweep. KFAC-EWC adds, per
+member, its factors: for each 2-D kernel ``[d_in, d_out]`` (taken as a
+dense layer with bias, ``n = d_in + 1``; an upper bound) ``n^2 + d_out^2``
+float32 per slot, plus ``n d_out`` per slot in separate mode (the task's
+anchor); one slot for pooled factors, ``num_tasks`` for a per-task store
+(``kfac_ewc``, ``online_kfac_ewc_sum``). Methods run one after another, so
+the largest store counts.
 """
 
 import os
@@ -22,6 +28,7 @@ import numpy as np
 
 from experiments import data as data_lib
 from experiments.permuted_mnist import config as config_lib
+from experiments.permuted_mnist import methods as methods_lib
 from experiments.permuted_mnist import models
 
 # float32 copies of the parameters a training run holds (see above).
@@ -32,16 +39,41 @@ class MemoryBudgetError(ValueError):
   """A run that would not fit in memory (one-line message)."""
 
 
-def num_params(config: config_lib.Config, num_classes: int) -> int:
-  """The model's parameter count, from shapes alone (nothing allocated)."""
+def _param_shapes(config: config_lib.Config,
+                  num_classes: int) -> list[tuple[int, ...]]:
+  """The model's parameter shapes (nothing allocated)."""
   from flax import nnx  # noqa: PLC0415 (only here)
 
   model = nnx.eval_shape(lambda: models.make_model(
       config.model, num_classes, seed=0, hidden=config.hidden,
       dropout=config.dropout, channels=config.channels,
-      cnn_hidden=config.cnn_hidden))
-  return sum(int(np.prod(x.shape))
-             for x in jax.tree.leaves(nnx.state(model, nnx.Param)))
+      cnn_hidden=config.cnn_hidden,
+      in_features=int(np.prod(methods_lib.input_shape(config)))))
+  return [tuple(x.shape)
+          for x in jax.tree.leaves(nnx.state(model, nnx.Param))]
+
+
+def num_params(config: config_lib.Config, num_classes: int) -> int:
+  """The model's parameter count, from shapes alone (nothing allocated)."""
+  return sum(int(np.prod(s)) for s in _param_shapes(config, num_classes))
+
+
+def kfac_store_bytes(config: config_lib.Config, num_classes: int) -> int:
+  """Bytes of the largest KFAC-EWC store among ``config.methods`` (one
+  member; 0 without KFAC methods)."""
+  kernels = [s for s in _param_shapes(config, num_classes) if len(s) == 2]
+  largest = 0
+  for name in config.methods:
+    method = methods_lib.get(name)
+    if method.optimizer is not methods_lib.kfac_optimizer:
+      continue
+    slots = methods_lib.kfac_max_tasks(method, config) or 1
+    anchors = method.mode == "separate"
+    per_slot = sum((d_in + 1) ** 2 + d_out ** 2
+                   + (anchors and (d_in + 1) * d_out)
+                   for d_in, d_out in kernels)
+    largest = max(largest, 4 * slots * per_slot)
+  return largest
 
 
 def estimate_bytes(config: config_lib.Config, dataset: data_lib.Dataset,
@@ -54,7 +86,8 @@ def estimate_bytes(config: config_lib.Config, dataset: data_lib.Dataset,
     members: runs trained at once (a vmapped sweep's ``K``).
 
   Returns:
-    ``{"data": ..., "state": ...}`` in bytes.
+    ``{"data": ..., "state": ..., "kfac": ...}`` in bytes (``state``
+    includes ``kfac``, the KFAC-EWC store).
   """
   pixels = int(np.prod(dataset.train_x.shape[1:]))
   n_train = len(dataset.train_y)
@@ -64,9 +97,10 @@ def estimate_bytes(config: config_lib.Config, dataset: data_lib.Dataset,
   data = 4 * copies * (n_train + len(dataset.test_y)) * pixels
   if "joint" in config.methods:
     data += 4 * copies * n_train * pixels
-  state = (4 * STATE_COPIES * members
-           * num_params(config, int(dataset.num_classes)))
-  return {"data": data, "state": state}
+  num_classes = int(dataset.num_classes)
+  kfac = members * kfac_store_bytes(config, num_classes)
+  state = 4 * STATE_COPIES * members * num_params(config, num_classes) + kfac
+  return {"data": data, "state": state, "kfac": kfac}
 
 
 def available_bytes() -> Optional[int]:
@@ -120,8 +154,12 @@ def check_memory(config: config_lib.Config, dataset: data_lib.Dataset,
     limits.append(("device", need["data"] + need["state"], device))
   for where, want, have in limits:
     if have is not None and want > have:
+      kfac = (f", of which KFAC-EWC's per-task factors {_gib(need['kfac'])}"
+              if need["kfac"] else "")
       raise MemoryBudgetError(
           f"this run needs about {_gib(want)} of {where} memory (task data "
           f"{_gib(need['data'])} for num_tasks={config.num_tasks}, training "
-          f"state {_gib(need['state'])}), more than the {_gib(have)} "
-          "available; lower num_tasks, train_examples or the model size.")
+          f"state {_gib(need['state'])}{kfac}), more than the {_gib(have)} "
+          "available; lower num_tasks, train_examples or the model size"
+          + (", or run online_kfac_ewc (pooled factors, constant memory)"
+             if need["kfac"] else "") + ".")

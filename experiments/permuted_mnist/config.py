@@ -84,6 +84,8 @@ class Config:
       uses ``lam = 2 mas_lam``).
     kfac_lam: KFAC-EWC's lambda sweep (same convention as ``lam``).
     online_kfac_lam: online KFAC-EWC's lambda sweep (decay ``gamma``).
+    online_kfac_sum_lam: the same for ``online_kfac_ewc_sum`` (one exact
+      Kronecker term per task instead of pooled factors).
     si_xi: SI's damping xi in ``Omega = omega / (Delta^2 + xi)``.
     fisher: the Fisher estimator (``exact``, ``sampled``, ``empirical``,
       ``batched``).
@@ -149,6 +151,7 @@ class Config:
   mas_lam: tuple[float, ...] = (1.0, 10.0)
   kfac_lam: tuple[float, ...] = (30.0, 100.0)
   online_kfac_lam: tuple[float, ...] = (30.0, 100.0)
+  online_kfac_sum_lam: tuple[float, ...] = (30.0, 100.0)
   fisher: str = "exact"
   kfac_fisher: Optional[str] = None
   fisher_examples: Optional[int] = None
@@ -308,7 +311,7 @@ def _check_choices(config: Config) -> None:
     raise ValueError(
         f"kfac_fisher must be None or an estimator of ewc_jax.kfac_fisher "
         f"(not batched), got {config.kfac_fisher!r}.")
-  kfac = [m for m in config.methods if m.endswith("kfac_ewc")]
+  kfac = [m for m in config.methods if "kfac" in m]
   if kfac and (config.kfac_fisher or config.fisher) == "batched":
     raise ValueError(
         f"{kfac[0]} needs a per-example estimator: fisher=batched has no "

@@ -34,11 +34,14 @@ optimiser factory and its consolidation.
   (Ritter, Botev & Barber 2018): the pull is :func:`ewc_jax.kfac_ewc` built
   on the model's layers (:func:`ewc_jax.dense_layers`), each task's
   :func:`ewc_jax.kfac_fisher` folded in with :func:`ewc_jax.kfac_consolidate`
-  (separate mode: the factors summed, the layers anchored at the mean of the
-  task anchors; see ``kfac_ewc``'s docstring). Same ``lam`` convention as
-  ``ewc``.
-* ``online_kfac_ewc``: the same in online mode (Ritter et al.'s online
-  Laplace, old factors decayed by ``gamma``, anchored at the latest task).
+  in separate mode: one exact Kronecker term per task, each with its own
+  anchor (``max_tasks = num_tasks``; memory and step time linear in the
+  tasks). Same ``lam`` convention as ``ewc``.
+* ``online_kfac_ewc``: online mode with pooled factors (O(1) memory): old
+  factors decayed by ``gamma`` and summed, anchored at the latest task.
+* ``online_kfac_ewc_sum``: online mode with one exact Kronecker term per
+  task, weighted ``gamma ** age`` (Ritter et al.'s online Laplace with the
+  sum kept exactly; ``max_tasks = num_tasks``).
 * ``joint``: one model trained on the union of all tasks: the upper bound.
 """
 
@@ -76,10 +79,12 @@ class Method:
     member_importance: the same for stacked members (``keys`` ``[K]``);
       ``None``: one :attr:`importance` call per member.
     joint: trains once on the union of all tasks.
-    optimizer: ``(config, graphdef, params, mode) -> tx``, the method's own
-      optimiser factory (``None``: :func:`make_optimizer`'s EWC chain). It
-      must return the same object for the same model (cache it): the jitted
-      training chunk takes ``tx`` as a static argument.
+    optimizer: ``(config, graphdef, params, method) -> tx``, the method's
+      own optimiser factory (``None``: :func:`make_optimizer`'s EWC chain).
+      It must return the same object for the same model (cache it): the
+      jitted training chunk takes ``tx`` as a static argument.
+    per_task: KFAC-EWC keeps one Kronecker term per task (``max_tasks =
+      num_tasks``) instead of pooled factors.
     consolidate: ``(opt_state, params, curvature) -> opt_state``, folds a
       finished task into the pull's state and readies the next task
       (vmapped for stacked members).
@@ -95,6 +100,7 @@ class Method:
   joint: bool = False
   optimizer: Optional[Callable[..., optax.GradientTransformation]] = None
   consolidate: Callable[..., Any] = ewc_jax.consolidate
+  per_task: bool = False
 
   def pull(self, lam: float, config: Any) -> tuple[float, float]:
     """The pull's ``(lam, gamma)`` for the swept value ``lam``."""
@@ -137,20 +143,21 @@ def base_transform(base: tuple[Any, ...]) -> optax.GradientTransformation:
 
 
 @functools.lru_cache(maxsize=None)
-def make_kfac_optimizer(base: tuple[Any, ...], mode: str,
-                        layers: tuple) -> optax.GradientTransformation:
-  """``optax.chain(ewc_jax.kfac_ewc(lam, layers, mode=mode), base)``.
+def make_kfac_optimizer(base: tuple[Any, ...], mode: str, layers: tuple,
+                        max_tasks: Optional[int] = None
+                        ) -> optax.GradientTransformation:
+  """``optax.chain(ewc_jax.kfac_ewc(lam, layers, mode=mode,
+  max_tasks=max_tasks), base)``.
 
-  As :func:`make_optimizer`: ``lam`` and ``gamma`` are injected
-  hyperparameters set in the state by :func:`set_pull` (``kfac_ewc`` writes
-  its ``gamma`` argument into its state at every update, so ``gamma`` must
-  be injected too, not only set in the state). Cached per ``(base, mode,
-  layers)``: one object, one compiled chunk, per model.
+  As :func:`make_optimizer`: ``lam`` is an injected hyperparameter and
+  ``gamma`` a field of the KFAC-EWC state (``kfac_gamma``), both set in the
+  state by :func:`set_pull`. Cached per ``(base, mode, layers,
+  max_tasks)``: one object, one compiled chunk, per model.
   """
   pull = optax.inject_hyperparams(ewc_jax.kfac_ewc,
-                                  static_args=("mode", "layers"))
-  return optax.chain(pull(lam=0.0, layers=layers, mode=mode, gamma=1.0),
-                     base_transform(base))
+                                  static_args=("gamma", "max_tasks"))
+  return optax.chain(pull(lam=0.0, layers=layers, mode=mode,
+                          max_tasks=max_tasks), base_transform(base))
 
 
 def input_shape(config: Any) -> tuple[int, ...]:
@@ -167,25 +174,35 @@ def make_si_optimizer(base: tuple[Any, ...],
   return ewc_jax.synaptic_intelligence(make_optimizer(base, mode))
 
 
-def si_optimizer(config, graphdef, params, mode):
+def si_optimizer(config, graphdef, params, method):
   """SI's optimiser: the EWC chain, recording the path integral."""
   del graphdef, params
-  return make_si_optimizer(base_optimizer(config), mode)
+  return make_si_optimizer(base_optimizer(config), method.mode)
 
 
-def kfac_optimizer(config, graphdef, params, mode):
+def kfac_max_tasks(method: "Method", config: Any) -> Optional[int]:
+  """The ``max_tasks`` of ``method``'s KFAC-EWC store (``None``: pooled).
+
+  The runner folds in every task but the last, so ``num_tasks`` slots
+  always suffice.
+  """
+  return config.num_tasks if method.per_task else None
+
+
+def kfac_optimizer(config, graphdef, params, method):
   """KFAC-EWC's optimiser, on the dense layers of ``graphdef``'s model."""
   layers = ewc_jax.dense_layers(
       models.eval_apply_fn(graphdef), params,
       jnp.zeros((1, *input_shape(config)), jnp.float32))
-  return make_kfac_optimizer(base_optimizer(config), mode, layers)
+  return make_kfac_optimizer(base_optimizer(config), method.mode, layers,
+                             kfac_max_tasks(method, config))
 
 
 def optimizer(method: "Method", config: Any, graphdef,
               params) -> optax.GradientTransformation:
   """``method``'s optimiser for the model ``(graphdef, params)``."""
   if method.optimizer is not None:
-    return method.optimizer(config, graphdef, params, method.mode)
+    return method.optimizer(config, graphdef, params, method)
   return make_optimizer(base_optimizer(config), method.mode)
 
 
@@ -193,13 +210,16 @@ def set_pull(opt_state: Any, lam: float, gamma: float) -> Any:
   """The optimiser state with the pull's ``lam`` and ``gamma`` set.
 
   ``lam`` is ``inject_hyperparams``' hyperparameter (read by every update);
-  ``gamma`` lives in the EWC state (read by ``consolidate``). Both are set by
-  name with ``optax.tree_utils.tree_set``, as float32 arrays so the jitted
-  step is not retraced.
+  ``gamma`` lives in the EWC state (``gamma``, read by ``consolidate``) or
+  the KFAC-EWC state (``kfac_gamma``). All are set by name with
+  ``optax.tree_utils.tree_set``, as float32 arrays so the jitted step is
+  not retraced.
   """
-  return optax.tree_utils.tree_set(
-      opt_state, lam=jnp.asarray(lam, jnp.float32),
-      gamma=jnp.asarray(gamma, jnp.float32))
+  values = {"lam": jnp.asarray(lam, jnp.float32)}
+  for field in ("gamma", "kfac_gamma"):
+    if optax.tree_utils.tree_get_all_with_path(opt_state, field):
+      values[field] = jnp.asarray(gamma, jnp.float32)
+  return optax.tree_utils.tree_set(opt_state, **values)
 
 
 def base_optimizer(config: Any) -> tuple[Any, ...]:
@@ -326,10 +346,15 @@ REGISTRY: dict[str, Method] = {m.name: m for m in (
     Method("mas", lam_field="mas_lam", lam_scale=2.0,
            importance=mas_importance),
     Method("kfac_ewc", lam_field="kfac_lam", importance=kfac_importance,
-           optimizer=kfac_optimizer, consolidate=ewc_jax.kfac_consolidate),
+           optimizer=kfac_optimizer, consolidate=ewc_jax.kfac_consolidate,
+           per_task=True),
     Method("online_kfac_ewc", lam_field="online_kfac_lam", mode="online",
            uses_gamma=True, importance=kfac_importance,
            optimizer=kfac_optimizer, consolidate=ewc_jax.kfac_consolidate),
+    Method("online_kfac_ewc_sum", lam_field="online_kfac_sum_lam",
+           mode="online", uses_gamma=True, importance=kfac_importance,
+           optimizer=kfac_optimizer, consolidate=ewc_jax.kfac_consolidate,
+           per_task=True),
     Method("si", lam_field="si_c", mode="online", lam_scale=2.0,
            importance=si_state_importance,
            member_importance=si_state_importance, optimizer=si_optimizer,
