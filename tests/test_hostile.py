@@ -59,3 +59,124 @@ def test_penalty_without_ewc_state():
 def test_penalty_with_mismatched_params():
   with pytest.raises(ValueError, match="lacks"):
     ewc_jax.penalty({"w": PARAMS["w"]}, state())
+
+
+# The fresh hostile pass of issue 14 (docs/hostile_inputs.md, last library
+# table): each test failed before its fix.
+
+_K = jax.random.split(jax.random.key(2), 3)
+_MLP = {"w1": jax.random.normal(_K[0], (4, 5)),
+        "b1": jax.random.normal(_K[1], (5,)),
+        "w2": jax.random.normal(_K[2], (5, 3))}
+_XS = jax.random.normal(jax.random.key(1), (10, 4))
+_YS = jnp.arange(10) % 3
+
+
+def _mlp(p, x):
+  return jnp.tanh(x @ p["w1"] + p["b1"]) @ p["w2"]
+
+
+def _fisher_by_jacobian(params, estimator):
+  """The Fisher from full per-example Jacobians of log p (slow, obvious)."""
+  def one(x, y):
+    logits = _mlp(params, x[None])[0]
+    jac = jax.jacobian(lambda q: jax.nn.log_softmax(_mlp(q, x[None])[0]))(
+        params)
+    if estimator == "exact":
+      p = jax.nn.softmax(logits)
+      return jax.tree.map(lambda j: jnp.einsum("c,c...->...", p, j ** 2), jac)
+    c = y if estimator == "empirical" else jnp.argmax(logits)
+    return jax.tree.map(lambda j: j[c] ** 2, jac)
+  return jax.tree.map(lambda f: f.mean(0), jax.vmap(one)(_XS, _YS))
+
+
+@pytest.mark.parametrize("estimator,path", [("exact", "fast"),
+                                            ("empirical", "vmap")])
+def test_the_gradient_of_the_fisher_is_the_true_one(estimator, path):
+  # Before: the class weights were stop_gradient-ed, so jax.grad through the
+  # Fisher silently dropped their term (exact: +2.63 instead of -2.75).
+  def total(fisher_fn, s):
+    params = jax.tree.map(lambda a: a * s, _MLP)
+    return sum(jnp.sum(f) for f in jax.tree.leaves(fisher_fn(params)))
+
+  ours = lambda p: ewc_jax.fisher_diagonal(  # noqa: E731
+      _mlp, p, (_XS, _YS), estimator=estimator, path=path)
+  ref = lambda p: _fisher_by_jacobian(p, estimator)  # noqa: E731
+  np.testing.assert_allclose(total(ours, 1.0), total(ref, 1.0), rtol=1e-5)
+  np.testing.assert_allclose(
+      jax.grad(lambda s: total(ours, s))(1.0),
+      jax.jit(jax.grad(lambda s: total(ref, s)))(1.0), rtol=1e-4)
+
+
+def test_gamma_in_separate_mode_is_refused():
+  with pytest.raises(ValueError, match='only in mode="online"'):
+    ewc_jax.ewc(1.0, gamma=0.5)
+  opt = optax.chain(ewc_jax.ewc(1.0), optax.sgd(0.1))
+  s = optax.tree_utils.tree_set(opt.init(PARAMS), gamma=0.5)
+  with pytest.raises(ValueError, match="separate-mode EWC state holds gamma"):
+    ewc_jax.consolidate(s, PARAMS, PARAMS)
+  ewc_jax.ewc(1.0, gamma=1.0)  # the default value stays accepted
+  ewc_jax.ewc(1.0, mode="online", gamma=0.5)
+
+
+def test_penalty_checks_an_injected_lam():
+  opt = optax.chain(optax.inject_hyperparams(
+      ewc_jax.ewc, static_args=("mode",))(lam=3.0), optax.sgd(0.1))
+  s = ewc_jax.consolidate(opt.init(PARAMS), PARAMS, PARAMS)
+  s = optax.tree_utils.tree_set(s, lam=-5.0)  # before: a penalty of -20
+  with pytest.raises(ValueError, match="lam must be a finite number >= 0"):
+    ewc_jax.penalty(jax.tree.map(lambda a: a + 1, PARAMS), s)
+
+
+def test_kfac_inputs_are_checked_as_the_diagonal_ones_are():
+  curv = ewc_jax.kfac_fisher(APPLY, PARAMS, (X, Y))
+  opt = optax.chain(ewc_jax.kfac_ewc(1.0, curv.layers), optax.sgd(0.1))
+  s = opt.init(PARAMS)
+  with pytest.raises(ValueError, match=r"kfac_ewc update got params unlike.*"
+                     r"params lacks \[\"\['b'\]\"\]"):  # before: KeyError
+    opt.update({"w": PARAMS["w"]}, s, {"w": PARAMS["w"]})
+  with pytest.raises(ValueError, match=r"Kronecker factors\[0\].a has .* "
+                     "non-finite.*Check the data"):  # before: nan factors
+    ewc_jax.kfac_fisher(APPLY, PARAMS, (X.at[0, 0].set(jnp.nan), Y))
+  nan_anchor = jax.tree.map(lambda a: a * jnp.nan, PARAMS)
+  with pytest.raises(ValueError, match=r"anchor\['b'\] has 2 non-finite"):
+    ewc_jax.kfac_penalty(PARAMS, nan_anchor, curv, 1.0)  # before: nan
+  with pytest.raises(ValueError, match="lam must be a finite number"):
+    ewc_jax.kfac_penalty(PARAMS, PARAMS, curv, float("inf"))  # before: inf
+
+
+def test_bad_keys_and_model_outputs_are_named():
+  with pytest.raises(ValueError, match="rng must be one jax.random key.*"
+                     "got int 0"):
+    ewc_jax.fisher_diagonal(APPLY, PARAMS, (X, Y), estimator="sampled", rng=0)
+  keys = jax.random.split(jax.random.key(0), 3)
+  with pytest.raises(ValueError, match=r"shape \(3,\) \(split keys"):
+    ewc_jax.kfac_fisher(APPLY, PARAMS, (X, Y), estimator="sampled", rng=keys)
+  ewc_jax.fisher_diagonal(APPLY, PARAMS, (X, Y), estimator="sampled",
+                          rng=jax.random.PRNGKey(0))  # a raw key is fine
+  with pytest.raises(ValueError, match="must return ONE logits array.*tuple"):
+    ewc_jax.fisher_diagonal(lambda p, x: (APPLY(p, x), 0), PARAMS, (X, Y))
+  with pytest.raises(ValueError, match=r"pass the tuple \(inputs, labels\)"):
+    ewc_jax.fisher_diagonal(APPLY, PARAMS, [X, Y])
+  with pytest.raises(ValueError, match=r"params\['w'\] has dtype int32"):
+    ewc_jax.mas_importance(APPLY, {"w": jnp.ones((3, 2), jnp.int32),
+                                   "b": PARAMS["b"]}, X)
+  si = ewc_jax.synaptic_intelligence(optax.sgd(0.1))
+  for xi in ("0.1", float("inf")):
+    with pytest.raises(ValueError, match="xi must be a"):
+      ewc_jax.si_importance(si.init(PARAMS), PARAMS, xi=xi)
+
+
+def test_continual_fine_tune_refuses_nan_data_and_warns_on_divergence():
+  from ewc_jax.continual import continual_fine_tune  # noqa: PLC0415
+  loss = lambda p, z: (z[1] - z[0] * p["w"]) ** 2  # noqa: E731
+  new = jnp.array([[1.0, 3.0], [2.0, 6.0]])
+  kw = dict(lam=0.0, num_steps=3, batch_size=2)
+  with pytest.raises(ValueError, match=r"new_data has 1 non-finite"):
+    continual_fine_tune(loss, {"w": jnp.array(1.0)}, None,
+                        new.at[0, 0].set(jnp.nan), **kw)  # before: nan params
+  with pytest.raises(ValueError, match="rng must be one jax.random key"):
+    continual_fine_tune(loss, {"w": jnp.array(1.0)}, None, new, rng=0, **kw)
+  with pytest.warns(RuntimeWarning, match="loss became non-finite at step"):
+    continual_fine_tune(loss, {"w": jnp.array(1.0)}, None, new * 1e20,
+                        optimizer=optax.sgd(1e10), **kw)

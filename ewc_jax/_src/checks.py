@@ -80,6 +80,10 @@ def num_classes(apply_fn, params, inputs) -> int:
 
 def count_classes(apply_fn, params, inputs) -> int:
   out = jax.eval_shape(apply_fn, params, inputs)
+  if not hasattr(out, "shape"):
+    raise ValueError(
+        "apply_fn(params, inputs) must return ONE logits array of shape "
+        f"[batch, classes]; got a {type(out).__name__}.")
   if len(out.shape) != 2:
     raise ValueError(
         "apply_fn(params, inputs) must return logits of shape [batch, "

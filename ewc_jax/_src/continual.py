@@ -8,6 +8,7 @@ experiment code (``experiments/continual_lm/``).
 """
 
 import functools
+import warnings
 from typing import Any, Callable, NamedTuple, Optional
 
 import jax
@@ -16,7 +17,9 @@ import numpy as np
 import optax
 
 from ewc_jax._src import fisher
+from ewc_jax._src import hyperparams as hyper_lib
 from ewc_jax._src import transform
+from ewc_jax._src import tree as tree_lib
 
 # HF Trainer's defaults: Adam(W), learning rate 5e-5, no weight decay.
 DEFAULT_OPTIMIZER = optax.adam(5e-5)
@@ -145,8 +148,12 @@ def continual_fine_tune(
     A :class:`FineTuneResult`.
 
   Raises:
-    ValueError: a bad ``lam``, ``estimator`` or size; empty data (named);
-      ``old_data`` None with ``lam > 0`` and no ``importance``.
+    ValueError: a bad ``lam``, ``estimator``, ``rng`` or size; empty data
+      (named); nan or inf in ``new_data``; ``old_data`` None with
+      ``lam > 0`` and no ``importance``.
+
+  Warns:
+    RuntimeWarning: the training loss became nan or inf (the step is named).
 
   References:
     Kirkpatrick et al., `Overcoming catastrophic forgetting in neural networks
@@ -159,6 +166,10 @@ def continual_fine_tune(
     raise ValueError(f"estimator must be 'empirical' or 'batched', got "
                      f"{estimator!r}.")
   n = _size(new_data, "new_data")
+  tree_lib.check_finite("new_data", new_data,
+                        hint="Fix the data before training on it.")
+  if rng is not None:
+    hyper_lib.check_key("rng", rng)
   for name, value in (("batch_size", batch_size), ("num_steps", num_steps),
                       ("fisher_batch_size", fisher_batch_size),
                       ("fisher_examples", fisher_examples)):
@@ -200,5 +211,12 @@ def continual_fine_tune(
       loss_fn, optimizer, mask, copy(params), copy(opt_state),
       jnp.asarray(lam, jnp.float32), jax.device_put(new_data),
       jnp.asarray(rows[:num_steps]))
-  return FineTuneResult(params, opt_state, np.asarray(losses),
-                        np.asarray(pens))
+  losses = np.asarray(losses)
+  bad = np.flatnonzero(~np.isfinite(losses))
+  if bad.size:
+    warnings.warn(
+        f"continual_fine_tune: the training loss became non-finite at step "
+        f"{int(bad[0])} of {num_steps} and the returned params are not "
+        "usable; lower the learning rate or lam.", RuntimeWarning,
+        stacklevel=2)
+  return FineTuneResult(params, opt_state, losses, np.asarray(pens))

@@ -12,6 +12,7 @@ from jax.sharding import PartitionSpec
 from ewc_jax._src import checks
 from ewc_jax._src import chunking
 from ewc_jax._src import fast
+from ewc_jax._src import hyperparams as hyper_lib
 from ewc_jax._src import likelihood
 from ewc_jax._src import passes
 from ewc_jax._src import tree as tree_lib
@@ -48,7 +49,9 @@ def fisher_diagonal(
 
   * ``"exact"``: every class, weighted by the model's ``p(y|x)``.
   * ``"sampled"``: ``num_samples`` labels drawn from ``p(.|x)`` per example
-    (a Monte-Carlo estimate of ``"exact"``; reproducible for a fixed ``rng``).
+    (a Monte-Carlo estimate of ``"exact"``; reproducible for a fixed ``rng``
+    and chunk size: keys are drawn per chunk, so pass ``batch_size`` to get
+    the same labels on every backend).
   * ``"empirical"``: the data label only (the "empirical Fisher"; Kunstner et
     al. 2019 show its limits).
   * ``"predicted"``: the model's own most likely label ``argmax_y p(y|x)``,
@@ -168,6 +171,7 @@ def _check_arguments(estimator, path, rng, num_samples, num_examples):
       raise ValueError(
           'estimator="sampled" draws labels from the model and needs rng, '
           "a jax.random key.")
+    hyper_lib.check_key("rng", rng)
     chunking.positive_int("num_samples", num_samples)
   if num_examples is not None:
     try:
@@ -184,9 +188,11 @@ def _is_pair(data) -> bool:
 
 def _pair(batch):
   if not (isinstance(batch, tuple) and len(batch) == 2):
+    hint = (" (a list [inputs, labels] is read as a list of batches: pass "
+            "the tuple (inputs, labels))" if hasattr(batch, "shape") else "")
     raise ValueError(
         "data must be (inputs, labels) or an iterable of such pairs; got a "
-        f"batch of type {type(batch).__name__}.")
+        f"batch of type {type(batch).__name__}{hint}.")
   return batch
 
 

@@ -1,4 +1,4 @@
-"""Validation of the EWC transformation's hyperparameters, lam and gamma."""
+"""Validation of scalar arguments: lam, gamma, SI's xi and PRNG keys."""
 
 import numbers
 from typing import Any
@@ -80,3 +80,42 @@ def check_gamma(gamma: Any, field: str = "EWCState.gamma",
   if not 0.0 < float(gamma) <= 1.0:
     raise ValueError(f"gamma must be a number in (0, 1], got {gamma!r}.")
   return float(gamma)
+
+
+def check_xi(xi: Any) -> None:
+  """Raises a clear error unless ``xi`` is a finite real number > 0.
+
+  Traced values are checked for dtype and shape only.
+  """
+  is_number = isinstance(xi, numbers.Real) and not isinstance(xi, bool)
+  is_real_array = ((_is_array(xi) or isinstance(xi, jax.core.Tracer))
+                   and jnp.ndim(xi) == 0
+                   and jnp.issubdtype(xi.dtype, jnp.floating))
+  if not (is_number or is_real_array):
+    raise ValueError(f"xi must be a number > 0, got {xi!r}.")
+  if tree_lib.is_concrete(xi):
+    value = float(np.asarray(xi))
+    if not (np.isfinite(value) and value > 0):
+      raise ValueError(f"xi must be a finite number > 0, got {value}.")
+
+
+def check_key(name: str, key: Any) -> None:
+  """Raises a clear error unless ``key`` is ONE ``jax.random`` key.
+
+  Accepts a typed key (``jax.random.key(0)``) or a raw ``uint32`` key
+  (``jax.random.PRNGKey(0)``); refuses ints and batches of keys.
+  """
+  dtype = getattr(key, "dtype", None)
+  if dtype is None or not hasattr(key, "shape"):
+    raise ValueError(
+        f"{name} must be one jax.random key, e.g. jax.random.key(0); got "
+        f"{type(key).__name__} {key!r}.")
+  if jnp.issubdtype(dtype, jax.dtypes.prng_key):
+    ok = key.shape == ()
+  else:
+    ok = dtype == jnp.uint32 and len(key.shape) == 1
+  if not ok:
+    raise ValueError(
+        f"{name} must be one jax.random key, e.g. jax.random.key(0); got an "
+        f"array of dtype {dtype} and shape {tuple(key.shape)} (split keys "
+        "are a batch: pass one of them).")

@@ -12,6 +12,7 @@ import jax.numpy as jnp
 import optax
 
 from ewc_jax._src import chunking
+from ewc_jax._src import hyperparams as hyper_lib
 from ewc_jax._src import tree as tree_lib
 
 
@@ -79,6 +80,7 @@ def mas_importance(
     <https://arxiv.org/abs/1711.09601>`_, ECCV 2018.
   """
   batch_size = 64 if batch_size is None else batch_size
+  tree_lib.check_floating("params", params)
   acc = jax.tree.map(lambda p: jnp.zeros_like(p, jnp.float32), params)
   count = 0
   if not chunking.is_batch(data) and not hasattr(data, "__iter__"):
@@ -228,8 +230,7 @@ def si_importance(opt_state: Any, params: Any, *, xi: float = 0.1) -> Any:
   Returns:
     A float32 pytree shaped like ``params``, >= 0.
   """
-  if tree_lib.is_concrete(xi) and not float(xi) > 0:
-    raise ValueError(f"xi must be a number > 0, got {xi!r}.")
+  hyper_lib.check_xi(xi)
   s = _find_si(opt_state, "si_importance")
   tree_lib.check_same_structure("the SI state", s.omega, "params", params)
   return jax.tree.map(

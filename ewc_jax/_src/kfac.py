@@ -11,6 +11,7 @@ import optax
 
 from ewc_jax._src import chunking
 from ewc_jax._src import fisher as fisher_lib
+from ewc_jax._src import hyperparams as hyper_lib
 from ewc_jax._src import likelihood as likelihood_lib
 from ewc_jax._src import kfac_tracer
 from ewc_jax._src import tree as tree_lib
@@ -137,6 +138,7 @@ def _validate(estimator, rng, num_samples):
       raise ValueError(
           'estimator="sampled" draws labels from the model and needs rng, '
           "a jax.random key.")
+    hyper_lib.check_key("rng", rng)
     if not isinstance(num_samples, int) or num_samples < 1:
       raise ValueError(
           f"num_samples must be a positive int, got {num_samples!r}.")
@@ -208,7 +210,9 @@ def kfac_fisher(
 
   Raises:
     ValueError: unknown estimator, ``"sampled"`` without ``rng``, inputs
-      that are not one array, labels outside ``[0, classes)``, no examples.
+      that are not one array, labels outside ``[0, classes)``, no examples;
+      non-finite factors or diagonal (nan/inf in the data or the logits;
+      checked outside ``jax.jit``).
 
   References:
     Martens & Grosse, `Optimizing Neural Networks with Kronecker-factored
@@ -247,6 +251,9 @@ def kfac_fisher(
   if count == 0:
     raise ValueError("data holds no examples: the Fisher needs at least one.")
   factors = tuple(KroneckerFactors(a / count, g / count) for a, g in acc)
+  tree_lib.check_finite(  # skipped inside jit (no values)
+      "the Kronecker factors", factors,
+      hint="Check the data for nan/inf and the model's logits (overflow?).")
   return KFACCurvature(factors, _diagonal(apply_fn, params, data, plan,
                                           estimator, rng, num_samples,
                                           batch_size), plan.layers)
@@ -352,11 +359,19 @@ def kfac_penalty(params: Any, anchor: Any, curvature: KFACCurvature,
 
   Returns:
     A float32 scalar.
+
+  Raises:
+    ValueError: ``anchor`` or ``curvature`` not shaped like ``params`` (the
+      path is named); a bad ``lam``; outside ``jax.jit``, a non-finite
+      anchor or curvature, or a negative diagonal.
   """
   tree_lib.check_same_structure("params", params, "anchor", anchor)
   check_curvature(curvature, params)
-  if tree_lib.is_concrete(lam) and not float(lam) >= 0:
-    raise ValueError(f"lam must be a number >= 0, got {lam!r}.")
+  hyper_lib.check_lam(lam)
+  tree_lib.check_finite("anchor", anchor)
+  tree_lib.check_finite("curvature", curvature.factors)
+  tree_lib.check_finite("curvature.diagonal", curvature.diagonal,
+                        nonnegative=True)
   leaves, anchors = jax.tree.leaves(params), jax.tree.leaves(anchor)
   total = jnp.zeros([], jnp.float32)
   for layer, f in zip(curvature.layers, curvature.factors):

@@ -404,6 +404,14 @@ def kfac_ewc(
     del extra_args  # e.g. value=loss, meant for other transformations
     if params is None:
       raise ValueError(_NO_PARAMS_MSG)
+    try:  # shapes are static: checked once per trace under jit
+      tree_lib.check_same_structure("the kfac_ewc state", state.anchor,
+                                    "params", params)
+      tree_lib.check_same_structure("params", params, "updates", updates)
+    except ValueError as e:
+      raise ValueError(
+          f"kfac_ewc update got params unlike those given to init: {e}"
+      ) from e
     lam_f32 = jnp.asarray(lam, jnp.float32)
     p, _, _ = _flat(params)
     c, _, _ = _flat(state.anchor)

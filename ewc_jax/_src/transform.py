@@ -5,6 +5,7 @@ from typing import Any, Callable, NamedTuple, Optional, Union
 
 import jax
 import jax.numpy as jnp
+import numpy as np
 import optax
 
 from ewc_jax._src import hyperparams as hyper_lib
@@ -123,8 +124,9 @@ def ewc(
       conventions), a number or a real scalar array.
     mode: ``"separate"`` (one quadratic per past task) or ``"online"``.
     gamma: online mode's initial decay of the old Fisher, a Python number in
-      (0, 1] (default 1). Static for ``optax.inject_hyperparams``: list it in
-      ``static_args`` there, or set it later with ``tree_set``.
+      (0, 1] (default 1; separate mode accepts only 1). Static for
+      ``optax.inject_hyperparams``: list it in ``static_args`` there, or
+      set it later with ``tree_set``.
     mask: a tree of booleans shaped like (a prefix of) the params, or a
       callable returning one; ``True`` leaves are regularised. Leaves masked
       out (say a new task's output head) carry no EWC state at all.
@@ -136,8 +138,8 @@ def ewc(
 
   Raises:
     TypeError: ``lam`` not a real number; ``gamma`` an array.
-    ValueError: ``lam`` negative or not finite; ``gamma`` outside (0, 1];
-      unknown ``mode``.
+    ValueError: ``lam`` negative or not finite; ``gamma`` outside (0, 1],
+      or not 1 in separate mode; unknown ``mode``.
 
   References:
     Kirkpatrick et al., `Overcoming catastrophic forgetting in neural networks
@@ -148,6 +150,10 @@ def ewc(
   if mode not in MODES:
     raise ValueError(f"mode must be one of {MODES}, got {mode!r}.")
   gamma0 = hyper_lib.check_gamma(gamma)
+  if mode == "separate" and gamma0 != 1.0:
+    raise ValueError(
+        f'gamma decays old tasks only in mode="online"; got gamma={gamma!r} '
+        'with mode="separate" (which keeps every task at full weight).')
   hyper_lib.check_lam(lam)
 
   def init_fn(params):
@@ -233,6 +239,14 @@ def _fold(s: EWCState, params, fisher) -> EWCState:
         *trees, is_leaf=_is_masked)
 
   f32 = lambda x: jnp.asarray(x, jnp.float32)  # noqa: E731
+  if s.mode == "separate" and tree_lib.is_concrete(s.gamma) and np.any(
+      np.asarray(s.gamma) != 1.0):
+    raise ValueError(
+        'gamma decays old tasks only in mode="online", but a separate-mode '
+        f"EWC state holds gamma={np.asarray(s.gamma).tolist()} (set with "
+        "tree_set?); "
+        "separate mode keeps every task at full weight: set gamma back to 1, "
+        'or build the optimiser with ewc(lam, mode="online", gamma=...).')
   if s.mode == "online":
     curvature = leaves(lambda a, f: s.gamma * a + f32(f), s.curvature,
                        fisher)
@@ -296,7 +310,8 @@ def consolidate(opt_state: Any, params: Any, fisher: Any) -> Any:
     ValueError: no EWC state in ``opt_state``; ``params`` or ``fisher`` not
       shaped like the regularised parameters (the path is named); non-floating
       dtypes; non-finite params (checked first: a diverged model makes its
-      Fisher non-finite too); non-finite or negative Fisher values.
+      Fisher non-finite too); non-finite or negative Fisher values; a
+      separate-mode state whose ``gamma`` is not 1 (set by ``tree_set``).
 
   Warns:
     UserWarning: when ``fisher`` is zero everywhere (the task adds nothing).
@@ -344,7 +359,8 @@ def penalty(params: Any, opt_state: Any, lam: Any = None) -> jax.Array:
 
   Raises:
     ValueError: no EWC state in ``opt_state``; no ``lam`` given or injected;
-      ``params`` not shaped like the state (the path is named).
+      a ``lam`` (given, or injected and concrete) that is negative or not
+      finite; ``params`` not shaped like the state (the path is named).
   """
   found = _states_with_lam(opt_state)
   if not found:
@@ -356,6 +372,8 @@ def penalty(params: Any, opt_state: Any, lam: Any = None) -> jax.Array:
     tree_lib.check_same_structure(
         "the EWC state", s.curvature, "params", params, is_leaf=_is_masked)
     s_lam = injected if lam is None else lam
+    if lam is None and injected is not None:
+      hyper_lib.check_lam(injected)  # e.g. a negative lam set by tree_set
     if s_lam is None:
       raise ValueError(
           "penalty needs lam: ewc(lam) keeps lam as a constant of the "
