@@ -2,11 +2,13 @@
 
 import gzip
 import json
+import re
 
 import numpy as np
 import pytest
 
 from experiments import bench
+from experiments.benchmarks import suite
 
 
 def test_bench_writes_ratios(tmp_path):
@@ -61,3 +63,34 @@ def test_device_check_smoke_on_cpu_reads_idx(tmp_path, capsys):
   assert all(r["ratio"] > 0 for r in res["fisher"])
   # The table is the last thing printed.
   assert printed.rstrip().endswith(res["table"].splitlines()[-1])
+
+
+@pytest.mark.parametrize("flags,match", [
+    # before: tracebacks after minutes of timing, or nothing written while
+    # "results written to" was printed (--only)
+    (["--reps", "0"], "--reps: must be >= 1"),
+    (["--steps", "0"], "--steps: must be >= 1"),
+    (["--batch-size", "-5"], "--batch-size: must be >= 0"),
+    (["--only", "fisherr"], r"--only: unknown \['fisherr'\]"),
+    (["--presets", "nope"], r"--presets: unknown \['nope'\]"),
+    (["--device-check", "--methods", "foo"], r"--methods: unknown \['foo'\]"),
+])
+def test_bench_refuses_bad_flags_before_any_timing(flags, match, capsys):
+  with pytest.raises(SystemExit):
+    bench.main(flags)
+  assert re.search(match, capsys.readouterr().err)
+
+
+def test_bench_refuses_an_unwritable_out_and_reports_failed_presets(
+    tmp_path, capsys, monkeypatch):
+  a_file = tmp_path / "file"
+  a_file.write_text("")
+  with pytest.raises(SystemExit):  # before: a traceback after the 1st part
+    bench.main(["--out", str(a_file / "bench.json")])
+  assert "is not a writable directory" in capsys.readouterr().err
+  monkeypatch.setattr(suite, "time_run",
+                      lambda argv, timeout=None: (4.7, False, "boom"))
+  bench.main(["--only", "presets", "--presets", "quick", "--out",
+              str(tmp_path / "b.json")])
+  # before: "preset quick: 4.7 s" in the summary, as if it had run
+  assert "preset quick: FAILED" in capsys.readouterr().out

@@ -442,3 +442,58 @@ def test_experiment_rejects_bad_flags(tmp_path, capsys):
                         "--out", str(tmp_path / "o")]) == 2
   assert "corpus_a (training part) has 3 bytes" in capsys.readouterr().err
   assert not (tmp_path / "o").exists()
+
+
+def test_experiment_never_loses_results_to_its_output_directory(
+    tmp_path, capsys, monkeypatch):
+  # The fresh hostile pass (issue 14): results are written at the end.
+  corpus_a, corpus_b = tmp_path / "a.txt", tmp_path / "b.txt"
+  corpus_a.write_text(TEXT_A * 2)
+  corpus_b.write_text(TEXT_B * 2)
+  flags = ["--preset", "tiny", "--corpus-a", str(corpus_a), "--corpus-b",
+           str(corpus_b), "--pretrain-steps", "2", "--steps", "2",
+           "--methods", "finetune", "--quiet"]
+  ran = []
+  monkeypatch.setattr(main_lib.experiment, "run",
+                      lambda config, live: ran.append(1) or {})
+
+  def one_line(status, text):
+    err = capsys.readouterr().err
+    assert "Traceback" not in err and len(err.strip().splitlines()) == 1, err
+    assert text in err, err
+    assert status in (1, 2, 130)
+
+  a_file = tmp_path / "file"
+  a_file.write_text("")
+  # before: a traceback after the whole run, the results lost
+  for out in (a_file, a_file / "sub"):
+    assert main_lib.main([*flags, "--out", str(out)]) == 2
+    one_line(2, "is a file, not a directory")
+  assert main_lib.main([*flags, "--out", ""]) == 2  # before: into "."
+  one_line(2, "--out is empty")
+  previous = tmp_path / "previous"
+  previous.mkdir()
+  (previous / "results.json").write_text("{}")
+  # before: silently replaced by the new run's
+  assert main_lib.main([*flags, "--out", str(previous)]) == 2
+  one_line(2, "already holds a run's results (results.json); pass "
+           "--overwrite")
+  assert main_lib.main([*flags, "--corpus-a", str(tmp_path)]) == 2
+  one_line(2, "is a directory; pass one text file")
+  assert not ran  # all refused before any training
+
+  def interrupted(config, live):
+    raise KeyboardInterrupt
+
+  monkeypatch.setattr(main_lib.experiment, "run", interrupted)
+  # before: a KeyboardInterrupt traceback
+  assert main_lib.main([*flags, "--out", str(tmp_path / "o")]) == 130
+  one_line(130, "interrupted; nothing written to")
+
+  def disk_full(results, out):
+    raise OSError(28, "No space left on device")
+
+  monkeypatch.setattr(main_lib.experiment, "run", lambda config, live: {})
+  monkeypatch.setattr(main_lib.results_lib, "write_outputs", disk_full)
+  assert main_lib.main([*flags, "--out", str(previous), "--overwrite"]) == 1
+  one_line(1, "cannot write the results in")

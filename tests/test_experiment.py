@@ -137,10 +137,18 @@ def test_cli_lam_flag_forms():
   methods = ("finetune", "ewc", "si")
   assert permuted_mnist.lam_assignments(["1,10"], methods) == {
       "lam": (1.0, 10.0), "si_c": (1.0, 10.0)}
-  assert permuted_mnist.lam_assignments(["online_ewc=5"], methods) == {
-      "online_lam": (5.0,)}
+  assert permuted_mnist.lam_assignments(
+      ["online_ewc=5"], methods + ("online_ewc",)) == {"online_lam": (5.0,)}
   with pytest.raises(ValueError, match="finetune"):
     permuted_mnist.lam_assignments(["finetune=1"], methods)
+  # A method that does not run: the flag would do nothing (hostile pass).
+  with pytest.raises(ValueError, match="online_ewc is not among the run's"):
+    permuted_mnist.lam_assignments(["online_ewc=5"], methods)
+  assert permuted_mnist.lam_assignments(["ewc=1", "ewc=2"], methods) == {
+      "lam": (2.0,)}  # the last one wins, as for every flag
+  # Space-separated lists, as every list flag takes them.
+  assert permuted_mnist.lam_words([["1", "10"], ["ewc=1", "2", "si=3"]]) == [
+      "1,10", "ewc=1,2", "si=3"]
 
 
 def test_cli_rejects_bad_values(capsys):

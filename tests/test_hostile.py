@@ -154,6 +154,8 @@ def test_bad_keys_and_model_outputs_are_named():
     ewc_jax.kfac_fisher(APPLY, PARAMS, (X, Y), estimator="sampled", rng=keys)
   ewc_jax.fisher_diagonal(APPLY, PARAMS, (X, Y), estimator="sampled",
                           rng=jax.random.PRNGKey(0))  # a raw key is fine
+  ewc_jax.kfac_fisher(APPLY, PARAMS, (X, Y), estimator="sampled",
+                      rng=jax.random.key(0), num_samples=np.int64(2))
   with pytest.raises(ValueError, match="must return ONE logits array.*tuple"):
     ewc_jax.fisher_diagonal(lambda p, x: (APPLY(p, x), 0), PARAMS, (X, Y))
   with pytest.raises(ValueError, match=r"pass the tuple \(inputs, labels\)"):

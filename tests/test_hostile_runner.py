@@ -435,3 +435,97 @@ def test_the_cli_stops_a_blow_up_in_one_line(tmp_path, capsys):
                               "--optimizer", "sgd", "--lr", "50", "--vmap",
                               "--out", str(tmp_path / "vmap")]) == 1
   assert "member(s) (lam, seed)" in _one_line_error(capsys)
+
+
+# ----------------------------------------------------------------------------
+# The fresh hostile pass (issue 14): flags that were silently ignored or
+# overridden, Ctrl-C outside a run, files that fail only at the end.
+
+
+_NO_LAM = FLAGS[:FLAGS.index("--lam")] + FLAGS[FLAGS.index("--lam") + 2:]
+
+
+def test_lam_takes_spaces_like_every_list_flag():
+  _, config = permuted_mnist.parse([*_NO_LAM, "--methods", "ewc", "--lam",
+                                    "1", "10"])  # before: "Unrecognized"
+  assert config.lam == (1.0, 10.0)
+  _, config = permuted_mnist.parse([*_NO_LAM, "--methods", "ewc,si",
+                                    "--lam", "ewc=1", "2", "si=3"])
+  assert (config.lam, config.si_c) == ((1.0, 2.0), (3.0,))
+
+
+@pytest.mark.parametrize("flags,match", [
+    # before: --set won whatever the order (methods became ewc)
+    (["--set", "methods=ewc", "--methods", "finetune"],
+     "methods is given twice, by --set methods=... and by --methods"),
+    # before: config.json said preset "foo" while quick ran
+    (["--set", "preset=foo"], "would only relabel the run"),
+    # before: si_c silently replaced by --lam's list
+    (["--methods", "ewc,si", "--si-c", "1"],
+     r"\['si_c'\] given both by --lam"),
+    # before: accepted, and si does not run
+    (["--methods", "ewc", "--lam", "si=1"], "si is not among the run's"),
+    # before: accepted and ignored (vmapped runs have no checkpoints)
+    (["--methods", "ewc", "--vmap", "--checkpoint-every", "2"],
+     "--vmap runs are not checkpointed"),
+    # before: the run's files went to the current directory
+    (["--methods", "ewc", "--out", ""], "--out is empty"),
+])
+def test_flags_that_would_be_ignored_are_refused(flags, match, tmp_path,
+                                                 capsys, monkeypatch):
+  monkeypatch.chdir(tmp_path)
+  with pytest.raises(SystemExit) as e:
+    permuted_mnist.main([*FLAGS, *flags])
+  assert e.value.code == 2
+  assert re.search(match, _one_line_error(capsys))
+  assert list(tmp_path.iterdir()) == []
+
+
+def test_a_logdir_that_is_a_file_is_refused_before_the_run(tmp_path, capsys):
+  a_file = tmp_path / "tb"
+  a_file.write_text("")
+  with pytest.raises(SystemExit):  # before: status 1 after training began
+    permuted_mnist.main([*FLAGS, "--out", str(tmp_path / "run"), "--logdir",
+                         str(a_file / "sub")])
+  assert "is a file, not a directory" in _one_line_error(capsys)
+  assert not (tmp_path / "run").exists()
+
+
+_FAKE_MAIN = """
+import gc, os, signal, sys, time
+def main():
+  fired = []
+  def callback(phase, info):  # Ctrl-C landing in a gc callback
+    if phase == "start" and not fired:
+      fired.append(1)
+      os.kill(os.getpid(), signal.SIGINT)
+      time.sleep(0.05)
+  gc.callbacks.append(callback)
+  gc.collect()
+  try:
+    time.sleep(5)
+    return 0
+  except KeyboardInterrupt:
+    print("main was interrupted", file=sys.stderr)
+    return 130
+"""
+
+
+def test_ctrl_c_in_a_gc_callback_or_while_importing_is_not_lost(tmp_path):
+  (tmp_path / "fake_gc.py").write_text(_FAKE_MAIN)
+  # SIGINT to itself while importing: held back, then one line.
+  (tmp_path / "fake_import.py").write_text(
+      "import os, signal, time\nos.kill(os.getpid(), signal.SIGINT)\n"
+      "time.sleep(0.05)\ndef main():\n  return 0\n")
+  env = dict(os.environ, PYTHONPATH=os.pathsep.join([str(REPO),
+                                                     str(tmp_path)]))
+  for module, line in (("fake_gc", "main was interrupted"),
+                       ("fake_import", "prog: interrupted")):
+    proc = subprocess.run(
+        [sys.executable, "-c", "from experiments.common import entry; "
+         f"entry.run({module!r}, 'prog')"], env=env, capture_output=True,
+        text=True, timeout=60)
+    # before: the gc callback swallowed the interrupt (status 0, "Exception
+    # ignored"); an interrupted import printed a traceback
+    assert proc.returncode == 130, proc.stderr
+    assert proc.stderr.strip() == line, proc.stderr

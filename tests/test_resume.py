@@ -475,6 +475,8 @@ def test_too_few_examples_for_a_batch_is_caught_before_training(tmp_path):
     (dict(hidden=[16]), "hidden must be a tuple, got list"),
     (dict(hidden=(16, 0)), r"hidden \(layer widths\) must all be >= 1"),
     (dict(channels=(0,)), r"channels \(layer widths\) must all be >= 1"),
+    # hostile pass: before, a traceback from the CNN's constructor
+    (dict(model="cnn", channels=()), "channels must name at least one"),
     (dict(learning_rate=0.0), "learning_rate must be > 0"),
     (dict(learning_rate=float("nan")), "learning_rate must be a finite"),
     (dict(b1=1.0), r"b1 must be in \[0, 1\)"),

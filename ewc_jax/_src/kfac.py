@@ -139,9 +139,7 @@ def _validate(estimator, rng, num_samples):
           'estimator="sampled" draws labels from the model and needs rng, '
           "a jax.random key.")
     hyper_lib.check_key("rng", rng)
-    if not isinstance(num_samples, int) or num_samples < 1:
-      raise ValueError(
-          f"num_samples must be a positive int, got {num_samples!r}.")
+    chunking.positive_int("num_samples", num_samples)  # NumPy ints too
 
 
 def kfac_fisher(
@@ -222,6 +220,8 @@ def kfac_fisher(
     NeurIPS 2018.
   """
   _validate(estimator, rng, num_samples)
+  if estimator == "sampled":  # a static argument of the jitted step
+    num_samples = int(num_samples)
   batch_size = 128 if batch_size is None else batch_size
   key = rng if rng is not None else jax.random.key(0)
   if not chunking.is_batch(data) and not isinstance(data, (list, tuple)):

@@ -24,6 +24,7 @@ Usage:
 
 import argparse
 import os
+import pathlib
 import subprocess
 import sys
 import tempfile
@@ -188,24 +189,42 @@ def bench_presets(args):
   return rows
 
 
+PARTS = ("fisher", "memory", "train", "presets")
+
+
+def _count(minimum):
+  """An argparse type: an int >= ``minimum``."""
+  def parse(text):
+    try:
+      value = int(text)
+    except ValueError:
+      raise argparse.ArgumentTypeError(f"not an int: {text!r}") from None
+    if value < minimum:
+      raise argparse.ArgumentTypeError(f"must be >= {minimum}, got {value}")
+    return value
+  return parse
+
+
 def parser():
   p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
   p.add_argument("--out", default="bench_results.json")
-  p.add_argument("--batch-size", type=int, default=None,
-                 help="Fisher chunk size (default: the library's automatic)")
-  p.add_argument("--fast-examples", type=int, default=8192)
-  p.add_argument("--vmap-examples", type=int, default=1024)
-  p.add_argument("--rss-examples", type=int, default=2048,
+  p.add_argument("--batch-size", type=_count(0), default=None,
+                 help="Fisher chunk size (default, or 0: the library's "
+                 "automatic)")
+  p.add_argument("--fast-examples", type=_count(1), default=8192)
+  p.add_argument("--vmap-examples", type=_count(1), default=1024)
+  p.add_argument("--rss-examples", type=_count(0), default=2048,
                  help="streamed examples of the peak-RSS subprocesses (and "
                  "4x more); 0 skips them")
   p.add_argument("--estimators", default=",".join(ewc_jax.ESTIMATORS),
                  help="comma-separated Fisher estimators to time")
-  p.add_argument("--steps", type=int, default=200)
-  p.add_argument("--reps", type=int, default=3)
+  p.add_argument("--steps", type=_count(1), default=200)
+  p.add_argument("--reps", type=_count(1), default=3)
   p.add_argument("--presets", default="quick",
                  help="comma-separated presets to time end to end")
-  p.add_argument("--only", default="fisher,memory,train,presets")
-  p.add_argument("--hidden", type=int, default=common.HIDDEN,
+  p.add_argument("--only", default=",".join(PARTS),
+                 help=f"comma-separated parts to run, from {', '.join(PARTS)}")
+  p.add_argument("--hidden", type=_count(1), default=common.HIDDEN,
                  help="MLP width (784-H-H-10)")
   p.add_argument("--device-check", action="store_true",
                  help="run the short accelerator check instead (see "
@@ -220,12 +239,54 @@ def parser():
   return p
 
 
+def _check(args) -> None:
+  """Refuses, before any timing, what would fail or be lost later.
+
+  Raises:
+    ValueError: one line naming the flag.
+  """
+  from experiments.permuted_mnist import config as config_lib  # noqa: PLC0415
+  words = lambda text: [w for w in text.split(",") if w]  # noqa: E731
+  for flag, given, valid in (
+      ("--estimators", args.estimators, ewc_jax.ESTIMATORS),
+      ("--only", args.only, PARTS)):
+    unknown = set(words(given)) - set(valid)
+    if unknown or not words(given):
+      raise ValueError(
+          f"{flag}: {f'unknown {sorted(unknown)}' if unknown else 'empty'};"
+          f" choose from {', '.join(valid)}")
+  unknown = set(words(args.presets)) - set(config_lib.presets())
+  if unknown:
+    raise ValueError(f"--presets: unknown {sorted(unknown)}; choose from "
+                     f"{', '.join(config_lib.presets())}")
+  unknown = set(words(args.methods)) - set(config_lib.METHODS)
+  if unknown:
+    raise ValueError(f"--methods: unknown {sorted(unknown)}; choose from "
+                     f"{', '.join(config_lib.METHODS)}")
+  if args.device_check:
+    if args.data_dir is not None and not pathlib.Path(
+        args.data_dir).is_dir():
+      raise ValueError(f"--data-dir {args.data_dir} is not a directory; "
+                       "pass the directory that holds the IDX train files")
+    out = pathlib.Path(args.out_dir)
+  else:
+    out = pathlib.Path(args.out).parent
+  while not out.exists() and out != out.parent:
+    out = out.parent
+  if not out.is_dir() or not os.access(out, os.W_OK | os.X_OK):
+    raise ValueError(f"cannot write the results: {out} is not a writable "
+                     "directory; choose another "
+                     f"{'--out-dir' if args.device_check else '--out'}")
+  if not args.device_check and pathlib.Path(args.out).is_dir():
+    raise ValueError(f"--out {args.out} is a directory; name a file")
+
+
 def main(argv=None):
   args = parser().parse_args(argv)
-  unknown = set(args.estimators.split(",")) - set(ewc_jax.ESTIMATORS)
-  if unknown:
-    parser().error(f"--estimators: unknown {sorted(unknown)}; choose from "
-                   f"{', '.join(ewc_jax.ESTIMATORS)}")
+  try:
+    _check(args)
+  except ValueError as e:  # DataError too
+    parser().error(" ".join(str(e).split()))
   if args.device_check:
     from experiments.benchmarks import device_check  # noqa: PLC0415
     return device_check.run(args)
@@ -245,6 +306,8 @@ def main(argv=None):
   for r in results.get("train", [])[1:]:
     print(f"  train step ewc+adam / adam: {r['ratio_to_adam']:.3f}")
   for r in results.get("presets", []):
-    print(f"  preset {r['preset']}: {r['seconds']:.1f} s")
+    print(f"  preset {r['preset']}: " + (f"{r['seconds']:.1f} s" if r["ok"]
+                                         else "FAILED (see its tail in "
+                                         f"{args.out})"))
   print(f"results written to {args.out}")
   return results

@@ -234,9 +234,13 @@ class RunCheckpoints:
     self._finish(self._manager.close)
 
   def _finish(self, finish) -> None:
-    """Runs orbax's ``finish``; a failed write is a CheckpointWriteError."""
+    """Runs orbax's ``finish``; a failed write is a CheckpointWriteError.
+
+    orbax's own logs are muted: a failed write is reported in our words, and
+    a Ctrl-C while waiting would be logged by orbax as a failed save."""
     try:
-      finish()
+      with quiet_orbax():
+        finish()
     except Exception as e:  # noqa: BLE001 (orbax/tensorstore raise many)
       raise CheckpointWriteError(
           f"cannot write a checkpoint in {self.directory} ({_brief(e)})"

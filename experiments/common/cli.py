@@ -9,6 +9,7 @@ shown.
 import contextlib
 import dataclasses
 import logging
+import pathlib
 import sys
 import typing
 from typing import Any, Iterator, Optional, Sequence
@@ -104,9 +105,17 @@ class OutputFlags:
 
     Raises:
       ImportError: ``--wandb`` without ``wandb``.
+      ValueError: ``--logdir`` names a file (or a path under one).
     """
     if self.wandb:
       tracking.import_wandb()
+    if self.logdir is not None:
+      path = pathlib.Path(self.logdir)
+      while not path.exists() and path != path.parent:
+        path = path.parent
+      if path.exists() and not path.is_dir():
+        raise ValueError(f"--logdir {self.logdir}: {path} is a file, not a "
+                         "directory; choose another --logdir.")
 
   def live(self) -> Optional[dict[str, Optional[str]]]:
     """``{"logdir", "wandb_project"}`` where live metrics are asked for,

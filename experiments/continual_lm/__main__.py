@@ -1,7 +1,7 @@
 """``python -m experiments.continual_lm``: see :mod:`.main`."""
 
-import sys
+from experiments.common import entry
 
-from experiments.continual_lm.main import main
-
-sys.exit(main())
+if __name__ == "__main__":
+  entry.run("experiments.continual_lm.main",
+            "python -m experiments.continual_lm")

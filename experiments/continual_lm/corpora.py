@@ -163,9 +163,15 @@ def load_corpus(path: Optional[str], which: str, corpora: str = "stdlib",
   """
   if path is not None:
     p = pathlib.Path(path)
+    if p.is_dir():
+      raise ValueError(f"corpus_{which}: {path} is a directory; pass one "
+                       "text file.")
     if not p.is_file():
       raise ValueError(f"corpus_{which}: no such file: {path}")
-    return p.read_bytes(), p.name
+    try:
+      return p.read_bytes(), p.name
+    except OSError as e:  # unreadable: permissions, a vanished file
+      raise ValueError(f"corpus_{which}: cannot read {path}: {e}") from None
   if corpora == "packages":
     return package_prose(cap) if which == "a" else stdlib_code_large(cap)
   return stdlib_prose() if which == "a" else stdlib_code()

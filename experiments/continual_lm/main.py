@@ -11,7 +11,8 @@ Examples:
 ``--preset {cpu,gpu,tiny}`` picks the defaults (see ``config.PRESETS``);
 every field of the config is a flag; lists take commas or spaces. The run
 writes ``results.json``, ``results.md`` and ``perplexity.png`` to ``--out``
-(default runs/continual_lm). Measured results: docs/continual_lm.md.
+(default runs/continual_lm); a directory holding a previous run's results
+needs ``--overwrite``. Measured results: docs/continual_lm.md.
 """
 
 import argparse
@@ -41,11 +42,13 @@ class Flags:
   Attributes:
     config: every field of the experiment's configuration.
     out: output directory.
+    overwrite: replace the results a previous run left in --out.
     output: messages and live metrics (--quiet, --logdir, --wandb, ...).
   """
 
   config: Annotated[Config, tyro.conf.arg(name="")]
   out: str = "runs/continual_lm"
+  overwrite: bool = False
   output: Annotated[cli.OutputFlags, tyro.conf.arg(name="")] = (
       cli.OutputFlags())
 
@@ -70,19 +73,29 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
     flags = parse(argv)
   except SystemExit as e:  # tyro has printed why (or the help).
     return e.code if isinstance(e.code, int) else 2
+  out = pathlib.Path(flags.out)
   try:
     validate(flags.config)
     flags.output.check()
+    results_lib.check_out(flags.out, flags.overwrite)  # written at the end
     experiment.load_data(flags.config)  # bad corpora fail before training
-  except (ValueError, ImportError) as e:
-    print(f"{PROG}: error: {e}", file=sys.stderr)
+  except (ValueError, ImportError, OSError) as e:
+    print(f"{PROG}: error: {' '.join(str(e).split())}", file=sys.stderr)
     return 2
   live = flags.output.live()
   live = None if live is None else experiment.LiveMetrics(**live)
-  out = pathlib.Path(flags.out)
   with flags.output.logging():
-    results = experiment.run(flags.config, live=live)
-    results_lib.write_outputs(results, out)
+    try:
+      results = experiment.run(flags.config, live=live)
+      results_lib.write_outputs(results, out)
+    except KeyboardInterrupt:
+      print(f"interrupted; nothing written to {out} (this experiment does "
+            "not resume: run it again)", file=sys.stderr)
+      return 130
+    except OSError as e:
+      print(f"error: cannot write the results in {out}: "
+            f"{' '.join(str(e).split())}", file=sys.stderr)
+      return 1
     logger.info("%s", results_lib.results_table(results))
     logger.info("seconds per phase: %s", ", ".join(
         f"{name} {value:.1f}" for name, value in results["timing"].items()

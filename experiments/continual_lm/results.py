@@ -1,5 +1,6 @@
 """Result files of the continual LM experiment: JSON, Markdown table, plot."""
 
+import os
 import pathlib
 from typing import Any
 
@@ -90,6 +91,41 @@ def plot(results: dict[str, Any]) -> bytes:
   axes[1].legend(fontsize=7)
   fig.tight_layout()
   return plots.png_bytes(fig)
+
+
+OUTPUTS = ("results.json", "results.md", "perplexity.png")
+
+
+def check_out(out: str, overwrite: bool) -> None:
+  """Refuses, before any training, an output directory that would lose
+  results: a previous run's (without ``overwrite``), or a run's whose files
+  could not be written at its end (a file, an unwritable place).
+
+  Nothing is created here.
+
+  Raises:
+    ValueError: one line naming ``out`` and what to do.
+  """
+  if not out.strip():  # pathlib would read "" as "."
+    raise ValueError("--out is empty: name the output directory.")
+  out = pathlib.Path(out)
+  if out.exists() and not out.is_dir():
+    raise ValueError(f"--out {out} is a file, not a directory; choose "
+                     "another --out.")
+  old = [name for name in OUTPUTS if (out / name).exists()]
+  if old and not overwrite:
+    raise ValueError(
+        f"--out {out} already holds a run's results ({', '.join(old)}); "
+        "pass --overwrite to replace them, or choose another --out.")
+  parent = out
+  while not parent.exists():
+    parent = parent.parent
+  if not parent.is_dir():
+    raise ValueError(f"--out {out}: {parent} is a file, not a directory; "
+                     "choose another --out.")
+  if not os.access(parent, os.W_OK | os.X_OK):
+    raise ValueError(f"--out {out}: {parent} is not writable; choose "
+                     "another --out.")
 
 
 def write_outputs(results: dict[str, Any], out: pathlib.Path) -> None:

@@ -1,8 +1,7 @@
 """``python -m experiments.permuted_mnist``: see :mod:`main`."""
 
-import sys
-
-from experiments.permuted_mnist import main
+from experiments.common import entry
 
 if __name__ == "__main__":
-  sys.exit(main.main())
+  entry.run("experiments.permuted_mnist.main",
+            "python -m experiments.permuted_mnist")

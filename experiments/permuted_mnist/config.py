@@ -339,6 +339,9 @@ def _check_ranges(config: Config) -> None:
       raise ValueError(
           f"{name} (layer widths) must all be >= 1, got "
           f"{list(getattr(config, name))}.")
+  if config.model == "cnn" and not config.channels:
+    raise ValueError("channels must name at least one convolution for "
+                     "model=cnn (e.g. --channels 16 32).")
   if config.learning_rate <= 0:
     raise ValueError(
         f"learning_rate must be > 0, got {config.learning_rate}.")

@@ -108,6 +108,25 @@ def set_to_flags(assignments: Sequence[str]) -> list[str]:
   return out
 
 
+def lam_words(occurrences: Sequence[Sequence[str]]) -> list[str]:
+  """Each ``--lam`` occurrence's words as ``LIST`` / ``METHOD=LIST`` values.
+
+  A list may be written with commas or spaces (``--lam 1,10``, ``--lam 1
+  10``, ``--lam ewc=1 10 si=2``): a word with ``=`` starts a method's list,
+  other words continue the list before them.
+  """
+  values = []
+  for words in occurrences:
+    group = []
+    for word in words:
+      if "=" in word or not group:
+        group.append(word)
+      else:
+        group[-1] += "," + word
+    values += group
+  return values
+
+
 def lam_assignments(values: Sequence[str],
                     methods: Sequence[str]) -> dict[str, tuple[float, ...]]:
   """Turns ``--lam`` values into config changes ``{field: sweep}``.
@@ -118,7 +137,8 @@ def lam_assignments(values: Sequence[str],
     methods: the methods of the run.
 
   Raises:
-    ValueError: a method without a strength, or a value that is no number.
+    ValueError: a method without a strength or not in ``methods``, or a
+      value that is no number. A later value replaces an earlier one.
   """
   changes = {}
   for value in values:
@@ -128,6 +148,10 @@ def lam_assignments(values: Sequence[str],
                 if m in config_lib.LAM_FIELDS]
       numbers = value
     elif method in config_lib.LAM_FIELDS:
+      if method not in methods:
+        raise ValueError(
+            f"--lam {value}: {method} is not among the run's methods "
+            f"{list(methods)}; add it to --methods, or drop this --lam.")
       fields = [config_lib.LAM_FIELDS[method]]
     else:
       raise ValueError(
@@ -148,10 +172,10 @@ def parse(argv: Sequence[str]) -> tuple[Flags, config_lib.Config]:
     ValueError, FileNotFoundError: a bad value (naming the field) or a run
       directory that cannot be resumed.
   """
-  pre = argparse.ArgumentParser(add_help=False)
+  pre = argparse.ArgumentParser(add_help=False, prog=PROG)
   pre.add_argument("--preset")
   pre.add_argument("--set", action="append", default=[])
-  pre.add_argument("--lam", action="append", default=[])
+  pre.add_argument("--lam", action="append", nargs="+", default=[])
   pre.add_argument("--resume")
   known, rest = pre.parse_known_args(argv)
   if known.resume is not None:  # read here, and still a flag of Flags
@@ -159,8 +183,9 @@ def parse(argv: Sequence[str]) -> tuple[Flags, config_lib.Config]:
   rest = [ALIASES.get(w.partition("=")[0], w.partition("=")[0])
           + w.partition("=")[1] + w.partition("=")[2] if w.startswith("--")
           else w for w in rest]
-  rest = cli.split_commas(rest + set_to_flags(known.set),
-                          cli.list_flags(config_lib.Config))
+  by_set = set_to_flags(known.set)
+  _check_given_once(rest, by_set)
+  rest = cli.split_commas(rest + by_set, cli.list_flags(config_lib.Config))
   if known.resume is not None and known.preset is None:
     base = workdir_lib.saved_config(known.resume)
   else:
@@ -168,8 +193,37 @@ def parse(argv: Sequence[str]) -> tuple[Flags, config_lib.Config]:
   flags = tyro.cli(Flags, default=Flags(config=base), args=rest, prog=PROG,
                    description=__doc__)
   config = flags.config
-  changes = lam_assignments(known.lam, config.methods)
+  changes = lam_assignments(lam_words(known.lam), config.methods)
+  given = _given_fields(rest)
+  if set(changes) & given:
+    raise ValueError(
+        f"{sorted(set(changes) & given)} given both by --lam and by its own "
+        "flag (or --set); give each strength once.")
   return flags, config_lib.validate(dataclasses.replace(config, **changes))
+
+
+def _given_fields(words: Sequence[str]) -> set[str]:
+  """The config fields whose flags appear in ``words``."""
+  names = {f.name for f in dataclasses.fields(config_lib.Config)}
+  flags = {w.partition("=")[0][2:].replace("-", "_") for w in words
+           if w.startswith("--")}
+  return (flags | {f[3:] for f in flags if f.startswith("no_")}) & names
+
+
+def _check_given_once(flags: Sequence[str], by_set: Sequence[str]) -> None:
+  """Refuses a field given both as ``--set F=...`` and as ``--f``: the
+  ``--set`` one would win whatever their order. (A flag repeated in one
+  spelling follows the usual rule: the last one wins.)"""
+  given = _given_fields(flags)
+  for word in by_set[::2]:
+    field = word[2:].replace("-", "_")
+    if field == "preset":
+      raise ValueError("--set preset=... would only relabel the run: choose "
+                       "the preset with --preset NAME.")
+    if field in given:
+      raise ValueError(
+          f"{field} is given twice, by --set {field}=... and by "
+          f"--{field.replace('_', '-')}; give it once.")
 
 
 def _workdir(flags: Flags, config: config_lib.Config) -> Any:
@@ -192,6 +246,12 @@ def _workdir(flags: Flags, config: config_lib.Config) -> Any:
     return flags.resume
   if flags.data_seed is not None and not flags.vmap:
     raise ValueError("--data-seed needs --vmap.")
+  if flags.vmap and (config.checkpoint_every or config.keep_checkpoints):
+    raise ValueError("--vmap runs are not checkpointed: drop "
+                     "--checkpoint-every and --keep-checkpoints.")
+  if flags.out is not None and not flags.out.strip():
+    raise ValueError("--out is empty: name the run directory, or leave "
+                     "--out out for a new runs/PRESET-TIME-PID.")
   data_lib.check_source(config.dataset, config.data_dir)
   if flags.out is None:
     return workdir_lib.default_workdir(config)
