@@ -40,6 +40,7 @@ import numpy as np
 from tqdm import auto as tqdm
 
 from experiments.common import timing as timing_lib
+from experiments.data.dataset import DataError
 from experiments.permuted_mnist import checkpointing
 from experiments.permuted_mnist import config as config_lib
 from experiments.permuted_mnist import methods as methods_lib
@@ -233,7 +234,7 @@ class _Run:
     config, split = self.config, self.splits[t]
     per_epoch = split.n // config.batch_size
     if per_epoch < 1:
-      raise stream_lib.DataError(
+      raise DataError(
           f"{self.desc(t)}: {split.n} training examples is fewer than "
           f"batch_size {config.batch_size}.")
     every = config.checkpoint_every if self.ckpt is not None else None

@@ -52,7 +52,6 @@ from experiments.permuted_mnist import config as config_lib
 from experiments.permuted_mnist import experiment
 from experiments.permuted_mnist import loop
 from experiments.permuted_mnist import monitor
-from experiments.permuted_mnist import stream as stream_lib
 from experiments.permuted_mnist import workdir as workdir_lib
 
 logger = logging.getLogger("experiments.permuted_mnist")
@@ -291,7 +290,7 @@ def _live(flags: Flags, workdir: Any) -> Optional[monitor.LiveMetrics]:
 
 # Errors of the run that are the user's to fix (data, directory, memory,
 # divergence, checkpoints, disk): one line on stderr, never a traceback.
-RUN_ERRORS = (stream_lib.DataError, data_lib.DataError, loop.TrainingDiverged,
+RUN_ERRORS = (data_lib.DataError, loop.TrainingDiverged,
               workdir_lib.RunDirError, checkpointing.CheckpointError,
               budget.MemoryBudgetError, FileExistsError)
 

@@ -13,11 +13,8 @@ import jax.numpy as jnp
 import numpy as np
 
 from experiments import data as data_lib
+from experiments.data.dataset import DataError
 from experiments.permuted_mnist import tasks as tasks_lib
-
-
-class DataError(ValueError):
-  """The data of a task stream cannot be trained on (the message says why)."""
 
 
 @functools.partial(jax.tree_util.register_dataclass,
@@ -37,10 +34,6 @@ class DeviceSplit:
   y: jax.Array
   tid: jax.Array
   n: int
-
-
-def round_up(n: int, multiple: int) -> int:
-  return -(-n // multiple) * multiple
 
 
 def to_device(x: np.ndarray, y: np.ndarray, tid: Any,
@@ -228,7 +221,7 @@ def make_stream(tasks: Sequence[tasks_lib.Task], *, eval_batch_size: int,
   def split(name, multiple):
     xs = [getattr(t, f"{name}_x") for t in tasks]
     ys = [getattr(t, f"{name}_y") for t in tasks]
-    length = round_up(max(len(y) for y in ys), multiple)
+    length = -(-max(len(y) for y in ys) // multiple) * multiple  # round up
     return tuple(to_device(x, y, i, length)
                  for i, (x, y) in enumerate(zip(xs, ys, strict=True)))
 

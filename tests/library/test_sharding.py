@@ -1,0 +1,50 @@
+"""Multi-device checks, on 4 simulated CPU devices in a subprocess.
+
+XLA_FLAGS must be set before jax is imported, so the checks live in
+tests/library/sharded_check.py and run in a fresh interpreter.
+"""
+
+import os
+import pathlib
+import socket
+import subprocess
+import sys
+
+ROOT = pathlib.Path(__file__).resolve().parents[2]
+
+
+def test_sharded_fisher_and_train_step_match_single_device():
+  env = dict(os.environ, PYTHONPATH=str(ROOT),
+             XLA_FLAGS="--xla_force_host_platform_device_count=4")
+  proc = subprocess.run([sys.executable, str(ROOT / "tests" / "library" /
+                                             "sharded_check.py")],
+                        capture_output=True, text=True, env=env, timeout=600)
+  assert proc.returncode == 0, proc.stdout + proc.stderr
+  lines = proc.stdout.splitlines()
+  assert sum(line.startswith("ok fisher ") and "sharded == single" in line
+             for line in lines) == 5
+  for check in ("ok fisher sharded: one program", "ok empirical_fisher",
+                "ok train step"):
+    assert any(line.startswith(check) for line in lines), check
+
+
+def test_two_processes_on_loopback_share_the_fisher_and_the_pull():
+  with socket.socket() as sock:  # a free port on loopback
+    sock.bind(("127.0.0.1", 0))
+    port = sock.getsockname()[1]
+  env = dict(os.environ, PYTHONPATH=str(ROOT))
+  script = str(ROOT / "tests" / "library" / "multihost_check.py")
+  procs = [subprocess.Popen([sys.executable, script, str(i), "2", str(port)],
+                            stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
+                            text=True, env=env) for i in range(2)]
+  outs = []
+  for proc in procs:
+    try:
+      outs.append(proc.communicate(timeout=300)[0])
+    except subprocess.TimeoutExpired:
+      for p in procs:
+        p.kill()
+      raise
+  for i, (proc, out) in enumerate(zip(procs, outs)):
+    assert proc.returncode == 0, out
+    assert f"ok process {i}" in out
