@@ -6,7 +6,7 @@ the EWC pull as optax gradient transformations.
 
 from ewc_jax import continual
 from ewc_jax._src.fisher import ESTIMATORS
-from ewc_jax._src.fisher import empirical_fisher
+from ewc_jax._src.empirical import empirical_fisher
 from ewc_jax._src.fisher import fisher_diagonal
 from ewc_jax._src.hyperparams import set_hyperparams
 from ewc_jax._src.importance import SIState

@@ -10,21 +10,47 @@ the static argument of the compiled programs) with
   axes the chunk's rows are split over (``()``: all rows are here);
 * ``reduce_at_end``: sums over split rows add up (one ``psum`` at the end);
   otherwise the function reduces over ``axes`` itself, per chunk;
-* ``labels(chunk)``: the class labels whose range is checked, or ``None``.
+* ``labels(chunk)``: ``(labels, valid)``, the class labels whose range is
+  checked and where they count (``None``: everywhere), or ``None``;
+* ``divisor(data, n)``: what the sums over the first ``n`` rows are divided
+  by (``n``, or the tokens they hold), and ``host_weight(chunk, real)`` its
+  share from one chunk of a stream.
 
 KFAC's factors are one more such function (``kfac/fisher.py``).
 """
 
 import dataclasses
-from typing import Any, Callable
+from typing import Callable
 
 import jax
 import jax.numpy as jnp
+import numpy as np
 
 from ewc_jax._src import chunking
 from ewc_jax._src import estimators
 from ewc_jax._src import layerwise
 from ewc_jax._src import per_example
+
+
+class PerRow:
+  """Normalised per row (example); sums in float32 like the params."""
+
+  reduce_at_end = True
+
+  def zeros(self, params):
+    return zeros_f32(params)
+
+  def labels(self, chunk):
+    del chunk
+    return None
+
+  def divisor(self, data, n):
+    del data
+    return n
+
+  def host_weight(self, chunk, real):
+    del chunk
+    return real
 
 
 def zeros_f32(params):
@@ -44,59 +70,100 @@ def _mesh_mean_square(g, count, axes):
   return jax.tree.map(lambda t: count * jnp.square(t / count), g)
 
 
+def _split(chunk):
+  """``(inputs, labels, token_mask or None)`` of a Fisher chunk."""
+  inputs, labels, *rest = chunk
+  return inputs, labels, (rest[0] if rest else None)
+
+
 @dataclasses.dataclass(frozen=True)
-class FisherSums:
+class FisherSums(PerRow):
   """A categorical model's Fisher: per-example sums, or batched.
 
-  Chunks are ``(inputs, labels)``; labels may be ``None`` where the
-  estimator needs none.
+  Chunks are ``(inputs, labels)`` or ``(inputs, labels, token_mask)``;
+  labels may be ``None`` where the estimator needs none. A sequence model
+  (``positions``, e.g. ``(T,)``) is normalised per token kept by the mask
+  (``per_token``), else per sequence.
   """
   apply_fn: Callable
   estimator: estimators.Estimator
   num_samples: int
   path: str  # "fast" or "vmap"
   plan: chunking.ChunkPlan
+  positions: tuple = ()
+  per_token: bool = True
 
   @property
   def reduce_at_end(self) -> bool:
     return self.estimator.per_example
 
-  def zeros(self, params):
-    return zeros_f32(params)
-
   def labels(self, chunk):
-    return chunk[1]
+    _, labels, token_mask = _split(chunk)
+    return None if labels is None else (labels, token_mask)
+
+  def _tokens(self, data, n, lib):
+    token_mask = _split(data)[2]
+    if token_mask is None:
+      per_row = 1
+      for s in self.positions:
+        per_row *= s
+      return n * per_row
+    return lib.sum(lib.asarray(token_mask[:n], lib.float32))
+
+  def divisor(self, data, n):
+    if not (self.positions and self.per_token):
+      return n
+    return self._tokens(data, n, jnp)
+
+  def host_weight(self, chunk, real):
+    if not (self.positions and self.per_token):
+      return real
+    inputs, labels, token_mask = _split(chunk)
+    return float(self._tokens(
+        (None, None, None if token_mask is None else np.asarray(
+            jax.device_get(token_mask))), real, np))
 
   def __call__(self, params, chunk, mask, keys, axes=()):
-    inputs, labels = chunk
+    inputs, labels, token_mask = _split(chunk)
     if not self.estimator.per_example:
-      return self._batched(params, inputs, labels, mask, axes)
+      return self._batched(params, inputs, labels, mask, token_mask, axes)
     if labels is None:
-      labels = jnp.zeros(mask.shape, jnp.int32)
+      labels = jnp.zeros(mask.shape + self.positions, jnp.int32)
     chunk_sum = (layerwise.chunk_sum if self.path == "fast"
                  else per_example.chunk_sum)
     return chunk_sum(self.apply_fn, self.estimator, self.num_samples, params,
-                     inputs, labels, keys, mask, None, self.plan)
+                     inputs, labels, keys, mask, token_mask, self.plan)
 
-  def _nll(self, p, inputs, labels, mask):
+  def _nll(self, p, inputs, labels, keep):
     logp = jax.nn.log_softmax(self.apply_fn(p, inputs).astype(jnp.float32))
-    nll = -jnp.take_along_axis(logp, labels[:, None], axis=1)[:, 0]
-    return jnp.where(mask, nll, 0.0)
+    nll = -jnp.take_along_axis(logp, labels[..., None], axis=-1)[..., 0]
+    return jnp.where(keep, nll, 0.0)
 
-  def _batched(self, params, inputs, labels, mask, axes):
-    """``n_b * (grad of the batch's mean NLL)^2``: a batch weighted by size."""
-    count = jnp.sum(mask.astype(jnp.float32))
+  def _batched(self, params, inputs, labels, mask, token_mask, axes):
+    """``n_b * (grad of the batch's mean NLL)^2``: a batch weighted by size.
+
+    ``n_b`` counts the batch's real examples (tokens, for a sequence model
+    normalised per token).
+    """
+    keep = mask.reshape(mask.shape + (1,) * len(self.positions))
+    if token_mask is not None:
+      keep = keep & token_mask
+    keep = keep & jnp.ones(labels.shape, bool)
+    count = jnp.sum(keep.astype(jnp.float32))
+    if self.positions and not self.per_token:  # per sequence: n_b rows
+      count = jnp.sum(mask.astype(jnp.float32))
+    count = jnp.maximum(count, 1.0)  # a chunk that keeps no token adds 0
     if axes:  # the batch's rows on several devices: reduce, then square
-      g = jax.grad(lambda p: jnp.sum(self._nll(p, inputs, labels, mask)))(
+      g = jax.grad(lambda p: jnp.sum(self._nll(p, inputs, labels, keep)))(
           params)
       return _mesh_mean_square(g, count, axes)
-    g = jax.grad(lambda p: jnp.sum(self._nll(p, inputs, labels, mask))
+    g = jax.grad(lambda p: jnp.sum(self._nll(p, inputs, labels, keep))
                  / count)(params)
     return _square_weighted(count, g)
 
 
 @dataclasses.dataclass(frozen=True)
-class LossSums:
+class LossSums(PerRow):
   """``empirical_fisher``: squared per-example gradients of any loss.
 
   ``"empirical"``: ``sum_i g_i^2``; ``"batched"``: ``n_b * (mean
@@ -108,13 +175,6 @@ class LossSums:
   @property
   def reduce_at_end(self) -> bool:
     return self.estimator.per_example
-
-  def zeros(self, params):
-    return zeros_f32(params)
-
-  def labels(self, chunk):
-    del chunk
-    return None
 
   def _losses(self, p, chunk, mask):
     losses = jax.vmap(self.loss_fn, in_axes=(None, 0))(p, chunk)
@@ -143,18 +203,9 @@ def _one(x):
 
 
 @dataclasses.dataclass(frozen=True)
-class MASSums:
+class MASSums(PerRow):
   """MAS: ``sum_i |d ||f(x_i)||^2 / d theta|`` over a chunk of inputs."""
   apply_fn: Callable
-
-  reduce_at_end = True
-
-  def zeros(self, params):
-    return zeros_f32(params)
-
-  def labels(self, chunk):
-    del chunk
-    return None
 
   def __call__(self, params, chunk, mask, keys, axes=()):
     del keys, axes
@@ -168,8 +219,3 @@ class MASSums:
     return jax.tree.map(
         lambda g: jnp.einsum("b,b...->...", weights,
                              jnp.abs(g.astype(jnp.float32))), grads)
-
-
-def is_chunk_fn(x: Any) -> bool:
-  return isinstance(x, (FisherSums, LossSums, MASSums)) or hasattr(
-      x, "reduce_at_end")

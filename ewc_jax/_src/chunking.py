@@ -170,30 +170,61 @@ def pad_rows(x, size: int):
   return lib.concatenate([x, lib.repeat(x[:1], size - n, axis=0)])
 
 
+def _concat(parts):
+  """Row-wise concatenation of same-structured array pytrees."""
+  if len(parts) == 1:
+    return parts[0]
+  return jax.tree.map(
+      lambda *xs: (jnp if isinstance(xs[0], jax.Array) else np).concatenate(
+          xs), *parts)
+
+
 def chunks(data: Any, batch_size: int, num_examples: Optional[int],
            name: str) -> Iterator[tuple[Any, np.ndarray]]:
   """Yields ``(chunk, mask)``, each chunk padded to ``batch_size`` examples.
 
-  ``mask`` is a boolean NumPy array: True for real examples.
+  Rows are taken in order across the batches of ``data``: a chunk may join
+  the end of one batch to the start of the next, so that only the last
+  chunk is ever short, wherever the stream splits its batches (a
+  ``"batched"`` estimate then does not depend on it). ``mask`` is a boolean
+  NumPy array: True for real examples.
   """
   batch_size = validate.positive_int("batch_size", batch_size)
   remaining = num_examples
+  pending: list = []  # [batch, start, stop]: rows waiting for a chunk
+  held = 0
+
+  def emit(take):
+    nonlocal held
+    parts, need = [], take
+    while need:
+      batch, start, stop = pending[0]
+      k = min(need, stop - start)
+      parts.append(jax.tree.map(lambda x, s=start, k=k: x[s:s + k], batch))
+      need -= k
+      if start + k == stop:
+        pending.pop(0)
+      else:
+        pending[0][1] = start + k
+    held -= take
+    chunk = jax.tree.map(lambda x: pad_rows(x, batch_size), _concat(parts))
+    return chunk, np.arange(batch_size) < take
+
   for batch in batches(data, name):
     if remaining is not None and remaining <= 0:
-      return
+      break
     n = leading_size(batch, name)
-    for start in range(0, n, batch_size):
-      take = min(batch_size, n - start)
-      if remaining is not None:
-        take = min(take, remaining)
-      if take <= 0:
-        return
-      chunk = jax.tree.map(
-          lambda x, s=start, t=take: pad_rows(x[s:s + t], batch_size), batch)
-      mask = np.arange(batch_size) < take
-      yield chunk, mask
-      if remaining is not None:
-        remaining -= take
+    if remaining is not None:
+      n = min(n, remaining)
+      remaining -= n
+    if n == 0:
+      continue
+    pending.append([batch, 0, n])
+    held += n
+    while held >= batch_size:
+      yield emit(batch_size)
+  if held:
+    yield emit(held)
 
 
 def chunk_at(tree: Any, i, size: int, n: int) -> tuple[Any, jax.Array]:

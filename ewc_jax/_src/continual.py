@@ -16,7 +16,7 @@ import jax.numpy as jnp
 import numpy as np
 import optax
 
-from ewc_jax._src import fisher
+from ewc_jax._src import empirical
 from ewc_jax._src import hyperparams
 from ewc_jax._src import transform
 from ewc_jax._src import tree as tree_lib
@@ -176,7 +176,7 @@ def continual_fine_tune(
     mask = functools.partial(lambda tree, _: tree, mask)  # a static argument
   validate.check_lam(lam)
   tx = chain(optimizer, mask)
-  validate.choice("estimator", estimator, fisher.LOSS_ESTIMATORS)
+  validate.choice("estimator", estimator, empirical.LOSS_ESTIMATORS)
   n = _size(new_data, "new_data")
   tree_lib.check_finite("new_data", new_data,
                         hint="Fix the data before training on it.")
@@ -195,7 +195,7 @@ def continual_fine_tune(
       raise ValueError("old_data is None: pass the old data, a precomputed "
                        "importance=..., or lam=0 for plain fine-tuning.")
     try:
-      importance = fisher.empirical_fisher(
+      importance = empirical.empirical_fisher(
           loss_fn, params, old_data, estimator=estimator,
           batch_size=fisher_batch_size, num_examples=fisher_examples)
     except ValueError as e:

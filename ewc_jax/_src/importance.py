@@ -99,7 +99,7 @@ def mas_importance(
   chunks = chunking.chunks(
       itertools.chain([] if first is None else [first], batches), size,
       None, "data")
-  acc, count = pass_driver.run_stream(fn, params, chunks, key, size)
+  acc, count, _ = pass_driver.run_stream(fn, params, chunks, key, size)
   if count == 0:
     raise ValueError("data holds no examples: MAS needs at least one.")
   out = jax.tree.map(lambda a: a / count, acc)

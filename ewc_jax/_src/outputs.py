@@ -11,7 +11,6 @@ from typing import Any, NamedTuple
 
 import jax
 import jax.numpy as jnp
-import numpy as np
 
 from ewc_jax._src import tree as tree_lib
 from ewc_jax._src.jaxpr import walker
@@ -76,6 +75,21 @@ def check_label_shape(labels, positions: tuple = (),
                      f"{dtype}.")
 
 
+def check_mask(mask, positions: tuple) -> None:
+  """A token mask is shaped like the labels: booleans (or 0/1 numbers)."""
+  shape = tuple(jnp.shape(mask))
+  if len(shape) != 1 + len(positions) or shape[1:] != tuple(positions):
+    want = ", ".join(["N"] + [str(p) for p in positions])
+    raise ValueError(
+        f"mask must be [{want}] (the logits' shape without the class axis: "
+        f"one flag per position); got shape {shape}.")
+  dtype = jnp.result_type(mask)
+  if not (jnp.issubdtype(dtype, jnp.bool_) or jnp.issubdtype(
+      dtype, jnp.number)):
+    raise ValueError(f"mask must be booleans (or 0/1 numbers); got dtype "
+                     f"{dtype}.")
+
+
 def check_label_range(low, high, num_classes: int,
                       name: str = "labels") -> None:
   """Raises when the (concrete) label range leaves ``[0, num_classes)``."""
@@ -128,5 +142,7 @@ def blame_nonfinite(fisher, finite, params, inputs) -> Any:
   return fisher
 
 
-def host(x) -> np.ndarray:
-  return np.asarray(jax.device_get(x))
+def finish(fisher, finite, params, inputs) -> Any:
+  """The Fisher placed like ``params``, checked (:func:`blame_nonfinite`)."""
+  fisher = jax.tree.map(tree_lib.place_like, fisher, params)
+  return blame_nonfinite(fisher, finite, params, inputs)

@@ -9,16 +9,22 @@ each a compiled program whose single static argument is a :class:`Job`:
   real example, and masked), with no host round trip per chunk;
 * :func:`add_chunk`: one chunk of a stream, added to a running sum (donated);
 * :func:`over_mesh`: stacked chunks ``[num_chunks, chunk, ...]`` whose rows
-  are split over a mesh (data parallelism); each device loops over ITS rows
-  of every chunk with the single-device code, and the sums meet in one
-  ``psum`` at the end (or per chunk, for functions that need all of a
-  chunk's rows, such as a batch's mean gradient).
+  are split over a mesh (data parallelism) with replicated parameters; each
+  device loops over ITS rows of every chunk with the single-device code,
+  and the sums meet in one ``psum`` at the end (or per chunk, for functions
+  that need all of a chunk's rows, such as a batch's mean gradient);
+* :func:`over_global`: the same stacked chunks with parameters sharded
+  over the mesh (FSDP, tensor parallelism: a model too large for one
+  device), as one program in the global view: XLA's partitioner splits each
+  chunk's rows over the data axes and every parameter, and the sums, as the
+  parameters are split, so that no device holds all of either.
 
-Chunk ``i`` draws its rows' keys as ``split(fold_in(key, first + i),
-rows)``, the same with and without a mesh, so that every example keeps its
-key however the rows are placed. The programs return, beside the sums, one
-small int32 vector for the checks made after them (one transfer): whether
-each leaf is finite, then the range of the labels used.
+Row ``r`` of the data (its global index: in the arrays, or counted through
+a stream) draws from ``fold_in(key, r)``, so that every example keeps its
+key whatever the chunk size, the number of devices or the stream's
+batching. The programs return, beside the sums, one small int32 vector for
+the checks made after them (one transfer): whether each leaf is finite,
+then the range of the labels used (at the positions that count).
 """
 
 import dataclasses
@@ -43,12 +49,14 @@ class Job:
     fn: the per-chunk function (see ``chunk_sums.py``).
     size: rows per chunk (per device with ``sharding``).
     n: real rows in the data (arrays), ``None`` for a stream's step.
-    divide: divide the sums by the number of real rows (arrays), or return
-      them for a running sum (a stream).
+    divide: divide the sums by ``fn.divisor`` (arrays), or return them for
+      a running sum (a stream).
     sharding: the data's ``NamedSharding`` (rows split over the mesh), or
       ``None`` for one device.
     rows: with ``sharding``: ``None`` when the data arrive stacked, else the
       real rows of raw ``[N, ...]`` arrays, stacked in the program.
+    param_shardings: with sharded parameters (:func:`over_global`), the
+      shardings of the sums' leaves (the parameters'), else ``None``.
   """
   fn: Any
   size: int
@@ -56,6 +64,7 @@ class Job:
   divide: bool = True
   sharding: Optional[NamedSharding] = None
   rows: Optional[int] = None
+  param_shardings: Optional[tuple] = None
 
 
 def finite_flags(tree):
@@ -66,7 +75,8 @@ def finite_flags(tree):
 def _summary(out, labels, real):
   """``[finite(leaf) for leaf] + [min(labels), max(labels)]`` as int32.
 
-  ``real``: a boolean like ``labels`` marking the labels that count.
+  ``real``: a boolean like ``labels`` marking the labels that count (real
+  rows, and the positions a token mask keeps).
   """
   flags = [f.astype(jnp.int32) for f in jax.tree.leaves(finite_flags(out))]
   low = high = jnp.zeros([], jnp.int32)
@@ -77,14 +87,27 @@ def _summary(out, labels, real):
   return jnp.stack(flags + [low, high])
 
 
-def _chunk_keys(key, i, size):
-  return jax.random.split(jax.random.fold_in(key, i), size)
+def row_keys(key, rows):
+  """One key per row: ``fold_in(key, r)`` for each global row index."""
+  return jax.vmap(lambda r: jax.random.fold_in(key, r))(rows)
+
+
+def _labels_and_real(fn, data, rows_real):
+  """The labels to check and where they count (``None``: no labels)."""
+  found = fn.labels(data)
+  if found is None:
+    return None, None
+  labels, valid = found
+  real = rows_real.reshape(rows_real.shape + (1,) * (labels.ndim -
+                                                     rows_real.ndim))
+  real = real & jnp.ones(labels.shape, bool)
+  return labels, real if valid is None else real & valid
 
 
 def _loop(chunk_fn, tree, key, n, size, zeros):
   """``sum_i chunk_fn(chunk_i, mask_i, keys_i)`` over ``n`` rows in chunks."""
   def add(i, acc, chunk, mask):
-    part = chunk_fn(chunk, mask, _chunk_keys(key, i, size))
+    part = chunk_fn(chunk, mask, row_keys(key, i * size + jnp.arange(size)))
     return jax.tree.map(jnp.add, acc, part)
 
   def full(i, acc):  # a slice of real rows: cheaper than a gather on CPU
@@ -109,18 +132,18 @@ def over_arrays(job: Job, params, data, key):
   fn, n = job.fn, job.n
   sums = _loop(lambda c, m, k: fn(params, c, m, k), data, key, n, job.size,
                fn.zeros(params))
-  out = jax.tree.map(lambda s: s / n, sums)
-  labels = fn.labels(data)
-  real = None if labels is None else (
-      jnp.arange(labels.shape[0]) < n).reshape(
-          (-1,) + (1,) * (labels.ndim - 1)) & jnp.ones(labels.shape, bool)
+  divisor = fn.divisor(data, n)
+  out = jax.tree.map(lambda s: s / divisor, sums)
+  first = jax.tree.leaves(data)[0]
+  labels, real = _labels_and_real(fn, data, jnp.arange(first.shape[0]) < n)
   return out, _summary(out, labels, real)
 
 
 @functools.partial(jax.jit, static_argnums=(0,), donate_argnums=(1,))
-def add_chunk(job: Job, acc, params, chunk, mask, key):
-  """One chunk of a stream (keys ``split(key, rows)``) added to ``acc``."""
-  part = job.fn(params, chunk, mask, jax.random.split(key, job.size))
+def add_chunk(job: Job, acc, params, chunk, mask, key, first_row):
+  """One chunk of a stream, its rows ``first_row + i``, added to ``acc``."""
+  rows = first_row + jnp.arange(job.size)
+  part = job.fn(params, chunk, mask, row_keys(key, rows))
   return jax.tree.map(jnp.add, acc, part)
 
 
@@ -137,7 +160,7 @@ def _stacked(tree, job):
 
 
 @functools.partial(jax.jit, static_argnums=(0,), donate_argnums=(2,))
-def over_mesh(job: Job, params, acc, data, key, first, count):
+def over_mesh(job: Job, params, acc, data, key, first_row, count, divisor):
   """Stacked chunks split over a mesh, as one program (see module doc).
 
   Args:
@@ -147,9 +170,10 @@ def over_mesh(job: Job, params, acc, data, key, first, count):
     params: replicated inside (FSDP parameters are gathered once).
     acc: the running sum, or ``None``.
     data: stacked chunks (or raw arrays, see :class:`Job`).
-    key, first: chunk ``i`` uses ``fold_in(key, first + i)``, split over
-      its rows as without a mesh.
+    key, first_row: the data's row ``j`` draws from ``fold_in(key,
+      first_row + j)``, as without a mesh.
     count: rows (from the first) that are real; the rest is padding.
+    divisor: what ``job.divide`` divides by (``fn.divisor`` of the data).
 
   Returns:
     ``(sums or their mean, summary)``.
@@ -159,14 +183,13 @@ def over_mesh(job: Job, params, acc, data, key, first, count):
   total = size * chunking.num_shards(sharding)
   data = _stacked(data, job)
 
-  def local(params, tree, key, first, count):
+  def local(params, tree, key, first_row, count):
     d = jax.lax.axis_index(axes) if axes else 0
     rows = d * size + jnp.arange(size)
 
     def body(i, acc):
       chunk = jax.tree.map(lambda a: a[i], tree)
-      keys = jax.lax.dynamic_slice_in_dim(
-          _chunk_keys(key, first + i, total), d * size, size)
+      keys = row_keys(key, first_row + i * total + rows)
       part = fn(params, chunk, i * total + rows < count, keys, axes)
       return jax.tree.map(jnp.add, acc, part)
 
@@ -179,14 +202,54 @@ def over_mesh(job: Job, params, acc, data, key, first, count):
       local, mesh=sharding.mesh,
       in_specs=(replicated, chunking.chunks_spec(sharding), replicated,
                 replicated, replicated),
-      out_specs=replicated, check_vma=False)(params, data, key, first, count)
+      out_specs=replicated, check_vma=False)(params, data, key, first_row,
+                                             count)
   out = sums if acc is None else jax.tree.map(jnp.add, acc, sums)
   if job.divide:
-    out = jax.tree.map(lambda t: t / count, out)
-  labels = fn.labels(data)
-  real = None
-  if labels is not None:  # stacked: row-major order is the data's order
-    real = jnp.arange(labels.size).reshape(labels.shape) < count
+    out = jax.tree.map(lambda t: t / divisor, out)
+  m, rows = jax.tree.leaves(data)[0].shape[:2]  # stacked: the data's order
+  labels, real = _labels_and_real(
+      fn, jax.tree.map(lambda a: a.reshape((m * rows,) + a.shape[2:]), data),
+      jnp.arange(m * rows) < count)
+  return out, _summary(out, labels, real)
+
+
+@functools.partial(jax.jit, static_argnums=(0,), donate_argnums=(2,))
+def over_global(job: Job, params, acc, data, key, first_row, count,
+                divisor):
+  """Stacked chunks, parameters sharded: the pass in the global view.
+
+  Arguments as :func:`over_mesh`'s. Each chunk's rows are constrained to
+  the data axes, the running sums to the parameters' shardings.
+  """
+  fn, sharding = job.fn, job.sharding
+  total = job.size * chunking.num_shards(sharding)
+  data = _stacked(data, job)
+  rows_split = NamedSharding(sharding.mesh, PartitionSpec(
+      chunking.data_axes(sharding) or None))
+  treedef = jax.tree.structure(fn.zeros(params))
+
+  def like_params(tree):
+    return jax.tree.unflatten(treedef, [
+        jax.lax.with_sharding_constraint(x, s) for x, s in zip(
+            jax.tree.leaves(tree), job.param_shardings)])
+
+  def body(i, acc):
+    chunk = jax.lax.with_sharding_constraint(
+        jax.tree.map(lambda a: a[i], data), rows_split)
+    rows = i * total + jnp.arange(total)
+    part = fn(params, chunk, rows < count, row_keys(key, first_row + rows))
+    return like_params(jax.tree.map(jnp.add, acc, part))
+
+  m = jax.tree.leaves(data)[0].shape[0]
+  start = like_params(fn.zeros(params) if acc is None else acc)
+  out = jax.lax.fori_loop(0, m, body, start)
+  if job.divide:
+    out = like_params(jax.tree.map(lambda t: t / divisor, out))
+  rows = jax.tree.leaves(data)[0].shape[1]
+  labels, real = _labels_and_real(
+      fn, jax.tree.map(lambda a: a.reshape((m * rows,) + a.shape[2:]), data),
+      jnp.arange(m * rows) < count)
   return out, _summary(out, labels, real)
 
 
@@ -225,6 +288,23 @@ def num_shards(sharding) -> int:
   return 1 if sharding is None else chunking.num_shards(sharding)
 
 
+def _param_shardings(fn, params):
+  """The sums' shardings when the parameters are split over devices, else
+  ``None`` (replicated parameters: :func:`over_mesh`)."""
+  leaves = jax.tree.leaves(params)
+  if not any(isinstance(p, jax.Array) and tree_lib.is_concrete(p)
+             and not p.sharding.is_fully_replicated for p in leaves):
+    return None
+  sums = jax.eval_shape(fn.zeros, params)
+  if jax.tree.structure(sums) != jax.tree.structure(params):
+    return None  # sums not shaped like the parameters (KFAC's factors)
+  return tuple(p.sharding for p in leaves)
+
+
+def _program(job):
+  return over_mesh if job.param_shardings is None else over_global
+
+
 def run_arrays(fn, params, data, key, size: int, n: int, sharding=None):
   """The mean of ``fn``'s sums over the first ``n`` rows of ``data``.
 
@@ -243,38 +323,45 @@ def run_arrays(fn, params, data, key, size: int, n: int, sharding=None):
   if sharding is None:
     return over_arrays(Job(fn, size, n), params, data, key)
   tree, rows = _place(data, n, size * num_shards(sharding), sharding)
-  return over_mesh(Job(fn, size, n, True, sharding, rows), params, None,
-                   tree, key, 0, n)
+  job = Job(fn, size, n, True, sharding, rows, _param_shardings(fn, params))
+  return _program(job)(job, params, None, tree, key, 0, n,
+                       fn.divisor(data, n))
 
 
 def run_stream(fn, params, chunks, key, size: int, sharding=None,
                check=None):
-  """``(sum over the chunks' real rows, their count)`` of a stream.
+  """``(sum over the chunks' real rows, their count, fn's weight)``.
 
   Args:
     fn: a per-chunk function.
     params: the parameters.
     chunks: an iterable of ``(chunk, mask)``, each chunk padded to
       ``size * shards`` rows, ``mask`` a boolean NumPy array.
-    key: chunk ``i`` draws its keys from ``fold_in(key, i)``.
+    key: the stream's row ``r`` (counted over all chunks) draws from
+      ``fold_in(key, r)``.
     size: rows per chunk (per device with ``sharding``).
     sharding: a ``NamedSharding`` splitting the rows, or ``None``.
     check: called as ``check(chunk, real)`` before each chunk runs.
   """
   total = size * num_shards(sharding)
-  acc = fn.zeros(params) if sharding is None else _mesh_zeros(fn, params,
-                                                             sharding)
-  count = 0
-  for i, (chunk, mask) in enumerate(chunks):
+  shardings = None if sharding is None else _param_shardings(fn, params)
+  if sharding is None or shardings is not None:
+    acc = fn.zeros(params)  # each leaf placed like its parameter
+  else:
+    acc = _mesh_zeros(fn, params, sharding)
+  count, weight = 0, 0.0
+  for chunk, mask in chunks:
     real = int(mask.sum())
     if check is not None:
       check(chunk, real)
+    first_row = jnp.asarray(count, jnp.int32)
     if sharding is None:
       acc = add_chunk(Job(fn, size, divide=False), acc, params, chunk,
-                      jnp.asarray(mask), jax.random.fold_in(key, i))
+                      jnp.asarray(mask), key, first_row)
     else:
       tree, rows = _place(chunk, total, total, sharding)
-      acc, _ = over_mesh(Job(fn, size, None, False, sharding, rows), params,
-                         acc, tree, key, i, real)
+      job = Job(fn, size, None, False, sharding, rows, shardings)
+      acc, _ = _program(job)(job, params, acc, tree, key, first_row, real, 1)
     count += real
-  return acc, count
+    weight += fn.host_weight(chunk, real)
+  return acc, count, weight

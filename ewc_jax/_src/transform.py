@@ -267,6 +267,7 @@ def consolidate(opt_state: Any, params: Any, fisher: Any) -> Any:
         "consolidate found no ewc_jax.ewc state in opt_state; build the "
         "optimiser with ewc_jax.ewc(...) (e.g. optax.chain(ewc_jax.ewc(lam), "
         "optax.adam(lr))).")
+  states_lib.check_params(params)
   tree_lib.check_same_structure("params", params, "fisher", fisher)
   tree_lib.check_floating("params", params)
   tree_lib.check_floating("fisher", fisher)
@@ -314,6 +315,7 @@ def penalty(params: Any, opt_state: Any, lam: Any = None) -> jax.Array:
   found = states_lib.with_lam(opt_state, EWCState)
   if not found:
     raise ValueError("penalty found no ewc_jax.ewc state in opt_state.")
+  states_lib.check_params(params)
   if lam is not None:
     validate.check_lam(lam)
   total = jnp.zeros([], jnp.float32)

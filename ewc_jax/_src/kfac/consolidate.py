@@ -145,6 +145,7 @@ def kfac_consolidate(opt_state: Any, params: Any,
     if s.kfac_mode == "online":  # separate mode ignores it (weight 1)
       validate.check_state_gamma(tree_lib.value(s.kfac_gamma),
                                  "KFACEWCState.kfac_gamma", False)
+  states_lib.check_params(params)
   fisher_lib.check_curvature(curvature, params)
   tree_lib.check_floating("params", params)
   tree_lib.check_finite("params", params)

@@ -9,6 +9,7 @@ import jax.numpy as jnp
 import numpy as np
 import optax
 
+from ewc_jax._src import chunk_sums
 from ewc_jax._src import chunking
 from ewc_jax._src import estimators
 from ewc_jax._src import fisher as fisher_lib
@@ -66,7 +67,7 @@ class _PlanRef:
 
 
 @dataclasses.dataclass(frozen=True)
-class KFACSums:
+class KFACSums(chunk_sums.PerRow):
   """The per-chunk function of the factors' pass (see ``chunk_sums.py``).
 
   Sums ``x~ x~^T`` and ``sum_k w_k g_k g_k^T`` over a chunk's real rows;
@@ -76,8 +77,6 @@ class KFACSums:
   estimator: estimators.Estimator
   num_samples: int
 
-  reduce_at_end = True
-
   def zeros(self, leaves):
     return [KroneckerFactors(
         jnp.zeros([packing.rows(ly)] * 2, jnp.float32),
@@ -85,7 +84,7 @@ class KFACSums:
             for ly in self.ref.plan.layers]
 
   def labels(self, chunk):
-    return chunk[1] if self.estimator.needs_labels else None
+    return (chunk[1], None) if self.estimator.needs_labels else None
 
   def __call__(self, leaves, chunk, mask, keys, axes=()):
     del axes
@@ -185,7 +184,8 @@ def kfac_fisher(
   ``vec(D)`` taken row-major (``D.reshape(-1)``). Every other parameter
   (convolutions, weights used twice, layers inside ``scan``, ...) gets the
   diagonal Fisher of :func:`ewc_jax.fisher_diagonal` with the same estimator
-  (for ``"sampled"`` its labels are drawn separately).
+  (for ``"sampled"`` from the same keys: example ``r`` draws from
+  ``fold_in(rng, r)`` in both, so the same labels).
 
   Arrays run as one compiled program over all chunks, streams one program
   per chunk, as in :func:`ewc_jax.fisher_diagonal`. The model is traced once
@@ -314,8 +314,8 @@ def _factors(apply_fn, params, data, est, num_samples, leaves, key, size):
       got = np.asarray(jax.device_get(chunk[1][:real]))
       outputs.check_label_range(got.min(), got.max(), classes)
 
-  acc, count = pass_driver.run_stream(fn, leaves, pairs(), key, size, None,
-                                      check)
+  acc, count, _ = pass_driver.run_stream(fn, leaves, pairs(), key, size,
+                                         None, check)
   if count == 0:
     raise ValueError("data holds no examples: the Fisher needs at least one.")
   return [KroneckerFactors(a / count, g / count) for a, g in acc], count

@@ -170,6 +170,21 @@ class KFACEWCState(NamedTuple):
   layers: StaticLayers
 
 
+def register_flax_serialization() -> None:
+  """Lets ``flax.serialization`` round-trip states holding layers.
+
+  :class:`StaticLayers` is static structure, restored from the target state
+  (as orbax does); flax's msgpack needs to be told. A no-op without flax.
+  """
+  try:
+    from flax import serialization  # noqa: PLC0415 (optional)
+  except ImportError:
+    return
+  serialization.register_serialization_state(
+      StaticLayers, lambda x: {}, lambda target, state: target,
+      override=True)
+
+
 def store_for(max_tasks: Optional[int], separate: bool):
   return Pooled() if max_tasks is None else PerTask(max_tasks, separate)
 

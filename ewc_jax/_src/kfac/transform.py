@@ -203,6 +203,7 @@ def kfac_ewc(
       mode, MODES, gamma, "KFACEWCState.kfac_gamma", STATIC_ARGS)
   validate.check_lam(lam, "ewc_jax.kfac_ewc", STATIC_ARGS)
   store = state_lib.store_for(max_tasks, mode == "separate")
+  state_lib.register_flax_serialization()
 
   def init_fn(params):
     return state_lib.init(layers, params, mode, gamma0, store)
