@@ -24,11 +24,7 @@ from typing import Any, Iterator, Optional, Sequence
 import tyro
 
 from experiments.common import tracking
-
-
-class OutputClosed(Exception):
-  """Standard output was closed while the command wrote to it (a pipe
-  whose reader ended, e.g. ``| head -1``)."""
+from experiments.common.entry import OutputClosed  # noqa: F401 (re-exported)
 
 
 class _Handler(logging.StreamHandler):

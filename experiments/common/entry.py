@@ -12,6 +12,12 @@ import threading
 from typing import NoReturn
 
 
+class OutputClosed(Exception):
+  """Standard output was closed while the command wrote to it (a pipe
+  whose reader ended, e.g. ``| head -1``); raised by the experiments'
+  logging handler (:mod:`experiments.common.cli`)."""
+
+
 def _redeliver_swallowed_interrupts() -> None:
   """A Ctrl-C that lands in a callback whose exceptions Python cannot raise
   (a garbage-collection or weakref callback, a ``__del__``: JAX and the
@@ -84,6 +90,9 @@ def run(module: str, prog: str) -> NoReturn:
   except KeyboardInterrupt:
     print(f"{prog}: interrupted", file=sys.stderr)
     status = 130
+  except OutputClosed:  # a command that does not report it itself
+    print(f"{prog}: standard output was closed: stopped", file=sys.stderr)
+    status = 141
   _stdout_closed()
   if status in (130, 141):
     sys.stdout.flush()
