@@ -70,7 +70,7 @@ def average_accuracy_plot(curves: Sequence[dict[str, Any]],
     ax.set_title(f"{title} (one seed)", fontsize=10)
   else:
     many = "/".join(str(n) for n in seeds)
-    ax.set_title(f"{title}\nmean over {many} seeds, band: +-1 std over "
+    ax.set_title(f"{title}\nmean over {many} seeds, band: \u00b11 std over "
                  "seeds", fontsize=10)
   return fig
 

@@ -104,7 +104,8 @@ class Job:
     if self._bar.disable:
       return
     self._bar.n += n
-    self._bar.last_print_n += n  # tqdm's rate: steps since the last print
+    self._bar.initial += n  # tqdm's average rate: (n - initial) / elapsed
+    self._bar.last_print_n += n  # and its smoothed one: since the last print
     self._bar.refresh()
 
   @contextlib.contextmanager
