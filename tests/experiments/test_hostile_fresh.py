@@ -276,8 +276,8 @@ def test_one_overall_bar_counts_every_step_of_the_job(tmp_path,
     return bars[-1]
 
   monkeypatch.setattr(progress_lib, "Job", job)
-  config = tiny.config(methods=("finetune", "l2"), l2_lam=(1.0, 2.0),
-                       num_tasks=2, iterations=3, progress=True)
+  config = tiny.config(methods=("finetune",), seeds=(0, 1, 2), num_tasks=2,
+                       iterations=3, progress=True)
   experiment.train_and_evaluate(config, tmp_path / "a",
                                 dataset=tiny.dataset())
   (bar,) = bars
