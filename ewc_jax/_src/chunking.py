@@ -1,8 +1,8 @@
-"""Data in chunks: batches, padding, label checks and per-backend plans.
+"""Data in chunks: batches, padding, stacking on a mesh, per-backend plans.
 
-Every Fisher pass works through its data in chunks of one shape, so that its
-step compiles once. Arrays are taken by the one-program pass (all chunks in
-one ``fori_loop`` on the device, see ``fisher.py``); iterables of batches
+Every pass works through its data in chunks of one shape, so that its step
+compiles once. Arrays are taken by the one-program pass (all chunks in one
+``fori_loop`` on the device, see ``pass_driver.py``); iterables of batches
 (streams) are cut into chunks here, one compiled step per chunk. Padding
 repeats a real example (row 0 of the batch) and a mask removes it with
 ``jnp.where``: a model undefined at zero input (``x / ||x||``) then never
@@ -20,7 +20,6 @@ is a few large matrix products
 
 import dataclasses
 import math
-import numbers
 from typing import Any, Iterator, Optional
 
 import jax
@@ -30,6 +29,7 @@ from jax.sharding import NamedSharding
 from jax.sharding import PartitionSpec
 
 from ewc_jax._src import tree as tree_lib
+from ewc_jax._src import validate
 
 CPU_CHUNK = 256  # tuned on a 2-core XLA:CPU (see BENCHMARKS.md)
 CPU_SUB_CHUNK = 64
@@ -63,14 +63,6 @@ class ChunkPlan:
   loop_examples: bool = False
 
 
-def positive_int(name: str, value: Any) -> int:
-  """``value`` as an int (NumPy integers accepted), else a ValueError."""
-  if isinstance(value, bool) or not isinstance(value, numbers.Integral) or (
-      value < 1):
-    raise ValueError(f"{name} must be a positive int, got {value!r}.")
-  return int(value)
-
-
 def divisor_at_most(n: int, most: int) -> int:
   """The largest divisor of ``n`` that is at most ``most``."""
   return max(g for g in range(1, min(most, n) + 1) if n % g == 0)
@@ -102,7 +94,7 @@ def plan_chunks(batch_size: Optional[int], num_examples: Optional[int], *,
   backend = backend or jax.default_backend()
   cpu = backend == "cpu"
   if batch_size is not None:
-    batch_size = positive_int("batch_size", batch_size)
+    batch_size = validate.positive_int("batch_size", batch_size)
     if batch_size % shards:
       raise ValueError(
           f"batch_size ({batch_size}) must be divisible by the number of "
@@ -184,7 +176,7 @@ def chunks(data: Any, batch_size: int, num_examples: Optional[int],
 
   ``mask`` is a boolean NumPy array: True for real examples.
   """
-  batch_size = positive_int("batch_size", batch_size)
+  batch_size = validate.positive_int("batch_size", batch_size)
   remaining = num_examples
   for batch in batches(data, name):
     if remaining is not None and remaining <= 0:
@@ -216,33 +208,6 @@ def chunk_at(tree: Any, i, size: int, n: int) -> tuple[Any, jax.Array]:
   mask = idx < n
   idx = jnp.where(mask, idx, 0)
   return jax.tree.map(lambda x: jnp.take(x, idx, axis=0), tree), mask
-
-
-def check_label_shape(labels, name: str = "labels") -> None:
-  """Labels are one class index per example: a 1-D integer array."""
-  shape = jnp.shape(labels)
-  if len(shape) != 1:
-    hint = (" Flatten them with labels.reshape(-1)."
-            if len(shape) == 2 and shape[1] == 1 else "")
-    raise ValueError(
-        f"{name} must be a 1-D array of class indices [N]; got shape "
-        f"{tuple(shape)}.{hint}")
-  dtype = jnp.result_type(labels)
-  if not jnp.issubdtype(dtype, jnp.integer):
-    raise ValueError(f"{name} must be integers (class indices); got dtype "
-                     f"{dtype}.")
-
-
-def check_label_range(low, high, num_classes: int,
-                      name: str = "labels") -> None:
-  """Raises when the (concrete) label range leaves ``[0, num_classes)``."""
-  if not (tree_lib.is_concrete(low) and tree_lib.is_concrete(high)):
-    return
-  low, high = int(low), int(high)
-  if low < 0 or high >= num_classes:
-    raise ValueError(
-        f"{name} must lie in [0, {num_classes}) (the number of logits); got "
-        f"values in [{low}, {high}].")
 
 
 def data_axes(sharding: Any) -> tuple:

@@ -6,20 +6,23 @@ from typing import Any, Callable, Iterable, Optional, Union
 import jax
 import jax.numpy as jnp
 import numpy as np
-from jax.sharding import NamedSharding
-from jax.sharding import PartitionSpec
 
-from ewc_jax._src import checks
+from ewc_jax._src import chunk_sums
 from ewc_jax._src import chunking
-from ewc_jax._src import fast
-from ewc_jax._src import hyperparams as hyper_lib
-from ewc_jax._src import likelihood
-from ewc_jax._src import passes
+from ewc_jax._src import estimators
+from ewc_jax._src import layerwise
+from ewc_jax._src import outputs
+from ewc_jax._src import pass_driver
 from ewc_jax._src import tree as tree_lib
+from ewc_jax._src import validate
+from ewc_jax._src.estimators import EstimatorName
+from ewc_jax._src.jaxpr import diagonal
 
-ESTIMATORS = likelihood.PER_EXAMPLE + ("batched",)
+ESTIMATORS = estimators.NAMES
+# The estimators of any per-example loss (no categorical logits to sample).
+LOSS_ESTIMATORS = tuple(n for n, e in estimators.TABLE.items()
+                        if e.needs_labels)
 PATHS = ("auto", "fast", "vmap")
-BATCHED_SIZE = 256  # the default mini-batch of "batched": defines its value
 
 Batch = tuple[Any, Any]
 Data = Union[Batch, Iterable[Batch]]
@@ -30,7 +33,7 @@ def fisher_diagonal(
     params: Any,
     data: Data,
     *,
-    estimator: str = "exact",
+    estimator: EstimatorName = "exact",
     rng: Optional[jax.Array] = None,
     num_samples: int = 1,
     batch_size: Optional[int] = None,
@@ -148,37 +151,27 @@ def fisher_diagonal(
     van de Ven & Tolias, `Three scenarios for continual learning
     <https://arxiv.org/abs/1904.07734>`_, 2019.
   """
-  _check_arguments(estimator, path, rng, num_samples, num_examples)
+  est = estimators.get(estimator)
+  _check_arguments(est, path, rng, num_samples, num_examples)
   tree_lib.check_floating("params", params)
   key = rng if rng is not None else jax.random.key(0)
   if _is_pair(data):
-    return _fisher_of_arrays(apply_fn, params, data, estimator, key,
-                             num_samples, batch_size, num_examples, path,
-                             sharding)
-  return _fisher_of_stream(apply_fn, params, data, estimator, key,
-                           num_samples, batch_size, num_examples, path,
-                           sharding)
+    return _fisher_of_arrays(apply_fn, params, data, est, key, num_samples,
+                             batch_size, num_examples, path, sharding)
+  return _fisher_of_stream(apply_fn, params, data, est, key, num_samples,
+                           batch_size, num_examples, path, sharding)
 
 
-def _check_arguments(estimator, path, rng, num_samples, num_examples):
-  if estimator not in ESTIMATORS:
-    raise ValueError(
-        f"estimator must be one of {ESTIMATORS}, got {estimator!r}.")
-  if path not in PATHS:
-    raise ValueError(f"path must be one of {PATHS}, got {path!r}.")
-  if estimator == "sampled":
+def _check_arguments(est, path, rng, num_samples, num_examples):
+  validate.choice("path", path, PATHS)
+  if est.needs_key:
     if rng is None:
       raise ValueError(
-          'estimator="sampled" draws labels from the model and needs rng, '
+          f'estimator="{est.name}" draws labels from the model and needs rng, '
           "a jax.random key.")
-    hyper_lib.check_key("rng", rng)
-    chunking.positive_int("num_samples", num_samples)
-  if num_examples is not None:
-    try:
-      chunking.positive_int("num_examples", num_examples)
-    except ValueError:
-      raise ValueError("num_examples must be None or a positive int, got "
-                       f"{num_examples!r}.") from None
+    validate.check_key("rng", rng)
+    validate.positive_int("num_samples", num_samples)
+  validate.positive_int("num_examples", num_examples, optional=True)
 
 
 def _is_pair(data) -> bool:
@@ -196,149 +189,107 @@ def _pair(batch):
   return batch
 
 
-def _check_batch_labels(estimator, labels):
+def _check_batch_labels(est, labels):
   if labels is None:
-    if estimator in ("empirical", "batched"):
-      raise ValueError(f'estimator="{estimator}" needs data labels.')
+    if est.needs_labels:
+      raise ValueError(f'estimator="{est.name}" needs data labels.')
     return
-  chunking.check_label_shape(labels)
+  outputs.check_label_shape(labels)
 
 
-def _setup(apply_fn, params, inputs, estimator, num_samples, batch_size,
+def _int32(labels):
+  return None if labels is None else jnp.asarray(labels, jnp.int32)
+
+
+def _setup(apply_fn, params, inputs, est, num_samples, batch_size,
            num_examples, path, shards):
   """The number of classes, the path and the chunk plan for this model.
 
   With ``shards > 1`` (``sharding=``) the plan is one device's share.
   """
-  num_classes = checks.num_classes(apply_fn, params, inputs)
+  num_classes = outputs.logits(apply_fn, params, inputs).classes
   chosen = _choose_path(path, apply_fn, params, inputs)
-  if estimator == "batched":
-    size = BATCHED_SIZE if batch_size is None else batch_size
+  if not est.per_example:
+    size = est.default_chunk if batch_size is None else batch_size
     return num_classes, chosen, chunking.plan_chunks(
         size, None, example_bytes=0, backend="cpu", shards=shards)
-  k = num_classes if estimator == "exact" else (
-      num_samples if estimator == "sampled" else 1)
+  k = est.num_cotangents((num_classes,), num_samples)
   if chosen == "fast":
     example = jax.ShapeDtypeStruct(inputs.shape[1:], inputs.dtype)
-    per = fast.example_bytes(apply_fn, params, example, k)
+    per = layerwise.example_bytes(apply_fn, params, example, k)
   else:
-    per = 4 * checks.num_params(params) * (2 + (k > 1))
+    per = 4 * tree_lib.num_params(params) * (2 + (k > 1))
   return num_classes, chosen, chunking.plan_chunks(
       batch_size, num_examples, example_bytes=per, shards=shards)
 
 
-def _shards(sharding) -> int:
-  return 1 if sharding is None else chunking.num_shards(sharding)
+def _finish(fisher, finite, params, inputs):
+  fisher = jax.tree.map(tree_lib.place_like, fisher, params)
+  return outputs.blame_nonfinite(fisher, finite, params, inputs)
 
 
-def _place(tree, rows, size, sharding):
-  """``(tree, rows)`` for a sharded program.
-
-  Arrays already on the mesh (and tracers, inside ``jit``) go in raw and are
-  stacked in the program (``rows``); others (NumPy, arrays on one device)
-  are stacked on the host shard by shard (``None``: already stacked), so
-  that no device receives more than its rows.
-  """
-  leaves = jax.tree.leaves(tree)
-  if not all(map(tree_lib.is_concrete, leaves)) or all(
-      chunking.on_mesh(x, sharding) for x in leaves):
-    return tree, rows  # inside jit: stacked in the program, whatever they are
-  return jax.tree.map(
-      lambda x: chunking.stack_on_mesh(x, rows, size, sharding), tree), None
-
-
-def _mesh_zeros(params, sharding):
-  """Float32 zeros like ``params``, replicated on ``sharding``'s mesh.
-
-  That is where a sharded program puts its output: a stream's running sum
-  then keeps one placement, and its program compiles once.
-  """
-  return jax.device_put(
-      jax.tree.map(lambda p: np.zeros(np.shape(p), np.float32), params),
-      NamedSharding(sharding.mesh, PartitionSpec()))
-
-
-def _int32(labels):
-  return None if labels is None else labels.astype(jnp.int32)
-
-
-def _fisher_of_arrays(apply_fn, params, data, estimator, key, num_samples,
+def _fisher_of_arrays(apply_fn, params, data, est, key, num_samples,
                       batch_size, num_examples, path, sharding):
   inputs, labels = data
-  _check_batch_labels(estimator, labels)
+  _check_batch_labels(est, labels)
   n = chunking.leading_size(data, "data")
   if num_examples is not None:
     n = min(n, num_examples)
   if n == 0:
     raise ValueError("data holds no examples: the Fisher needs at least one.")
-  shards = _shards(sharding)
-  num_classes, chosen, plan = _setup(apply_fn, params, inputs, estimator,
+  shards = pass_driver.num_shards(sharding)
+  num_classes, chosen, plan = _setup(apply_fn, params, inputs, est,
                                      num_samples, batch_size, n, path, shards)
-  if sharding is None:
-    labels = None if labels is None else jnp.asarray(labels, jnp.int32)
-    fisher, summary = passes.fisher_program(
-        apply_fn, estimator, num_samples, chosen, plan, n, params, inputs,
-        labels, key)
-  else:
-    (xs, ys), rows = _place((inputs, _int32(labels)), n, plan.chunk * shards,
-                            sharding)
-    fisher, summary = passes.sharded_fisher_program(
-        apply_fn, estimator, num_samples, chosen, plan, sharding, rows, True,
-        params, None, xs, ys, key, 0, n)
+  fn = chunk_sums.FisherSums(apply_fn, est, int(num_samples), chosen, plan)
+  fisher, summary = pass_driver.run_arrays(
+      fn, params, (inputs, _int32(labels)), key, plan.chunk, n, sharding)
   if not tree_lib.is_concrete(summary):
     return fisher  # inside jit or vmap: no values to check
   summary = np.asarray(jax.device_get(summary))  # the one transfer
-  if labels is not None and estimator in ("empirical", "batched"):
-    chunking.check_label_range(summary[-2], summary[-1], num_classes)
-  fisher = jax.tree.map(checks.like, fisher, params)
-  return checks.checked(fisher, list(summary[:-2]), params, inputs)
+  if labels is not None and est.needs_labels:
+    outputs.check_label_range(summary[-2], summary[-1], num_classes)
+  return _finish(fisher, list(summary[:-2]), params, inputs)
 
 
-def _fisher_of_stream(apply_fn, params, data, estimator, key, num_samples,
+def _fisher_of_stream(apply_fn, params, data, est, key, num_samples,
                       batch_size, num_examples, path, sharding):
   batches = chunking.batches(data, "data")
   first = next(batches, None)
   if first is None:
     raise ValueError("data holds no examples: the Fisher needs at least one.")
   # An automatic chunk is planned for the stream's first batch.
-  shards = _shards(sharding)
+  shards = pass_driver.num_shards(sharding)
   num_classes, chosen, plan = _setup(
-      apply_fn, params, _pair(first)[0], estimator, num_samples, batch_size,
+      apply_fn, params, _pair(first)[0], est, num_samples, batch_size,
       max(chunking.leading_size(first, "data"), 1), path, shards)
   size = plan.chunk * shards
-  acc = passes.zeros_f32(params) if sharding is None else _mesh_zeros(
-      params, sharding)
-  count = 0
-  for i, (chunk, mask) in enumerate(chunking.chunks(
-      itertools.chain([first], batches), size, num_examples, "data")):
-    inputs, labels = _pair(chunk)
-    real = int(mask.sum())
-    _check_batch_labels(estimator, labels)
-    if labels is not None and estimator in ("empirical", "batched"):
-      real_labels = np.asarray(jax.device_get(labels[:real]))
-      chunking.check_label_range(real_labels.min(), real_labels.max(),
-                                 num_classes)
-    if sharding is not None:
-      (xs, ys), rows = _place((inputs, _int32(labels)), size, size, sharding)
-      acc, _ = passes.sharded_fisher_program(
-          apply_fn, estimator, num_samples, chosen, plan, sharding, rows,
-          False, params, acc, xs, ys, key, i, real)
-    else:
-      labels = None if labels is None else jnp.asarray(labels, jnp.int32)
-      acc = passes.fisher_step(apply_fn, estimator, num_samples, chosen, plan,
-                               acc, params, inputs, labels,
-                               jax.random.fold_in(key, i), jnp.asarray(mask))
-    count += real
+
+  def pairs():
+    for chunk, mask in chunking.chunks(itertools.chain([first], batches),
+                                       size, num_examples, "data"):
+      inputs, labels = _pair(chunk)
+      _check_batch_labels(est, labels)
+      yield (inputs, _int32(labels)), mask
+
+  def check(chunk, real):
+    labels = chunk[1]
+    if labels is not None and est.needs_labels and real:
+      got = np.asarray(jax.device_get(labels[:real]))
+      outputs.check_label_range(got.min(), got.max(), num_classes)
+
+  fn = chunk_sums.FisherSums(apply_fn, est, int(num_samples), chosen, plan)
+  acc, count = pass_driver.run_stream(fn, params, pairs(), key, plan.chunk,
+                                      sharding, check)
   if count == 0:
     raise ValueError("data holds no examples: the Fisher needs at least one.")
-  fisher = jax.tree.map(lambda a, p: checks.like(a / count, p), acc, params)
-  return checks.checked(fisher, passes.finite_flags(fisher), params, None)
+  fisher = jax.tree.map(lambda a: a / count, acc)
+  return _finish(fisher, pass_driver.finite_flags(fisher), params, None)
 
 
 def _choose_path(path, apply_fn, params, inputs) -> str:
   if path == "vmap":
     return "vmap"
-  reason = fast.unsupported_reason(apply_fn, params, inputs)
+  reason = diagonal.unsupported_reason(apply_fn, params, inputs)
   if reason is None:
     return "fast"
   if path == "fast":
@@ -351,7 +302,7 @@ def empirical_fisher(
     params: Any,
     data: Any,
     *,
-    estimator: str = "empirical",
+    estimator: EstimatorName = "empirical",
     batch_size: Optional[int] = None,
     num_examples: Optional[int] = None,
     sharding: Optional[jax.sharding.NamedSharding] = None,
@@ -398,69 +349,44 @@ def empirical_fisher(
   Returns:
     A float32 pytree shaped like ``params``.
   """
-  if estimator not in ("empirical", "batched"):
-    raise ValueError(
-        f'estimator must be "empirical" or "batched", got {estimator!r}.')
+  est = estimators.get(estimator, LOSS_ESTIMATORS)
   tree_lib.check_floating("params", params)
-  if num_examples is not None:
-    chunking.positive_int("num_examples", num_examples)
-  per = 8 * checks.num_params(params)
-  shards = _shards(sharding)
+  validate.positive_int("num_examples", num_examples, optional=True)
+  per = 8 * tree_lib.num_params(params)
+  shards = pass_driver.num_shards(sharding)
+  fn = chunk_sums.LossSums(loss_fn, est)
+  key = jax.random.key(0)  # unused: the data hold the labels
   if chunking.is_batch(data):
     n = chunking.leading_size(data, "data")
     n = n if num_examples is None else min(n, num_examples)
     if n == 0:
       raise ValueError(
           "data holds no examples: the Fisher needs at least one.")
-    size = _loss_chunk(batch_size, estimator, n, per, shards)
-    if sharding is None:
-      fisher, summary = passes.loss_program(loss_fn, estimator, size, n,
-                                            params, data)
-    else:
-      tree, rows = _place(data, n, size * shards, sharding)
-      fisher, summary = passes.sharded_loss_program(
-          loss_fn, estimator, size, sharding, rows, True, params, None, tree,
-          n)
+    size = _loss_chunk(batch_size, est, n, per, shards)
+    fisher, summary = pass_driver.run_arrays(fn, params, data, key, size, n,
+                                             sharding)
     if not tree_lib.is_concrete(summary):
       return fisher
-    finite = list(np.asarray(jax.device_get(summary))[:-2])
-    inputs = data
-  else:
-    acc = passes.zeros_f32(params) if sharding is None else _mesh_zeros(
-        params, sharding)
-    denom, size, inputs = 0, None, None
-    for batch in chunking.batches(data, "data"):
-      size = size or _loss_chunk(batch_size, estimator,
-                                 chunking.leading_size(batch, "data"), per,
-                                 shards)
-      for chunk, mask in chunking.chunks([batch], size * shards, num_examples,
-                                         "data"):
-        real = int(mask.sum())
-        if sharding is None:
-          acc = passes.loss_step(loss_fn, estimator, acc, params, chunk,
-                                 jnp.asarray(mask))
-        else:
-          tree, rows = _place(chunk, size * shards, size * shards, sharding)
-          acc, _ = passes.sharded_loss_program(
-              loss_fn, estimator, size, sharding, rows, False, params, acc,
-              tree, real)
-        denom += real
-        if num_examples is not None:
-          num_examples -= real
-      if num_examples is not None and num_examples <= 0:
-        break
-    if denom == 0:
-      raise ValueError(
-          "data holds no examples: the Fisher needs at least one.")
-    fisher = jax.tree.map(lambda a: a / denom, acc)
-    finite = passes.finite_flags(fisher)
-  fisher = jax.tree.map(checks.like, fisher, params)
-  return checks.checked(fisher, finite, params, inputs)
+    return _finish(fisher, list(np.asarray(jax.device_get(summary))[:-2]),
+                   params, data)
+  batches = chunking.batches(data, "data")
+  first = next(batches, None)
+  if first is None:
+    raise ValueError("data holds no examples: the Fisher needs at least one.")
+  size = _loss_chunk(batch_size, est, chunking.leading_size(first, "data"),
+                     per, shards)
+  chunks = chunking.chunks(itertools.chain([first], batches), size * shards,
+                           num_examples, "data")
+  acc, count = pass_driver.run_stream(fn, params, chunks, key, size, sharding)
+  if count == 0:
+    raise ValueError("data holds no examples: the Fisher needs at least one.")
+  fisher = jax.tree.map(lambda a: a / count, acc)
+  return _finish(fisher, pass_driver.finite_flags(fisher), params, None)
 
 
-def _loss_chunk(batch_size, estimator, n, example_bytes, shards):
+def _loss_chunk(batch_size, est, n, example_bytes, shards):
   """Examples per chunk (per device when ``shards > 1``)."""
-  if batch_size is None and estimator == "batched":
+  if batch_size is None and not est.per_example:
     batch_size = 64
   plan = chunking.plan_chunks(batch_size, n, example_bytes=example_bytes,
                               shards=shards)
