@@ -5,15 +5,17 @@ and BENCHMARKS.md are pages as they are, and their links to one another and
 to docs/ resolve in the site as on a code host. Build (offline; warnings are
 errors):
 
-  pip install --group docs
+  pip install --group docs          # pip >= 25.1
   python -m sphinx -W --keep-going -c docs . build/docs
 
 A new page docs/NAME.md joins the site's contents by itself (a glob in
 docs/index.md's toctree); jupytext scripts docs/NAME.pct.py are executed
-notebooks. The API reference (docs/api.md) is generated from ``ewc_jax.__all__`` and the
-``__all__`` of every public submodule by the ``ewc-api`` directive below: a
-new public name gets its entry with no edit here, and the build fails when a
-public name has no entry or a public function or class no docstring.
+notebooks. Links between pages are checked: a link to a missing page fails.
+The API reference (docs/api.md) is generated from ``ewc_jax.__all__`` and
+the ``__all__`` of every public submodule by the ``ewc-api`` directive
+below: a new public name gets its entry with no edit here, and the build
+fails when a public name has no entry or a public function or class no
+docstring.
 """
 
 import ast
