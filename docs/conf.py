@@ -100,27 +100,20 @@ UNDOCUMENTED_VALUES = {"ewc_jax.ESTIMATORS"}
 
 def _source_modules(module) -> dict:
   """Where each public name of ``module`` is imported from (its __init__)."""
-  tree = ast.parse(inspect.getsource(module))
-  found = {}
-  for node in tree.body:
-    if isinstance(node, ast.ImportFrom) and node.module:
-      for alias in node.names:
-        found[alias.asname or alias.name] = node.module
-    elif isinstance(node, ast.Import):
-      for alias in node.names:
-        found[alias.asname or alias.name] = alias.name
-  return found
+  return _imports(ast.parse(inspect.getsource(module)))
 
 
-def _comment_above(modname: str, name: str) -> list:
+def _comment_above(modname: str, name: str, depth: int = 0) -> list:
   """The ``#:`` doc comment of a module-level value, else the plain comment
-  block right above its assignment."""
+  block right above its assignment; for ``NAME = OTHER`` with ``OTHER``
+  imported, the comment where ``OTHER`` is defined."""
   analyzer = ModuleAnalyzer.for_module(modname)
   docs = analyzer.find_attr_docs().get(("", name))
   if docs:
     return [line for line in docs if line.strip()]
   lines = analyzer.code.splitlines()
-  for node in ast.parse(analyzer.code).body:
+  tree = ast.parse(analyzer.code)
+  for node in tree.body:
     targets = (node.targets if isinstance(node, ast.Assign)
                else [node.target] if isinstance(node, ast.AnnAssign) else [])
     if any(isinstance(t, ast.Name) and t.id == name for t in targets):
@@ -128,8 +121,19 @@ def _comment_above(modname: str, name: str) -> list:
       while i >= 0 and lines[i].lstrip().startswith("#"):
         above.insert(0, lines[i].lstrip()[1:].strip())
         i -= 1
+      if not above and isinstance(node.value, ast.Name) and depth < 5:
+        source = _imports(tree).get(node.value.id)
+        if source:
+          return _comment_above(source, node.value.id, depth + 1)
       return above
   return []
+
+
+def _imports(tree) -> dict:
+  """``{name: module}`` of a module's ``from module import name`` lines."""
+  return {alias.asname or alias.name: node.module for node in tree.body
+          if isinstance(node, ast.ImportFrom) and node.module
+          for alias in node.names}
 
 
 def public_modules(module=ewc_jax):
@@ -156,14 +160,34 @@ def _module_rst(module) -> list:
   groups: dict = {}
   for name in sorted(names, key=lambda n: list(sources).index(n)
                      if n in sources else len(sources)):
-    groups.setdefault(sources.get(name, modname), []).append(name)
-  for src, group in groups.items():
-    doc = inspect.getdoc(importlib.import_module(src)) or src
-    title = doc.splitlines()[0].rstrip(".")
+    src = sources.get(name, modname)
+    groups.setdefault(_group(src), []).append((name, src))
+  for group, entries in groups.items():
+    title = _title(group)
     rst += [title, "-" * len(title), ""]
-    for name in group:
+    for name, src in entries:
       rst += _entry_rst(module, src, name)
   return rst
+
+
+def _group(src: str) -> str:
+  """The section of a name defined in ``src``: its private package (say
+  ``ewc_jax._src.kfac``) when that package has a docstring, else ``src``."""
+  head, _, rest = src.partition("._src.")
+  if "." in rest:
+    package = f"{head}._src.{rest.split('.')[0]}"
+    if inspect.getdoc(importlib.import_module(package)):
+      return package
+  return src
+
+
+def _title(modname: str) -> str:
+  """A section title from a module's docstring: its first sentence, cut at
+  a colon ("Kronecker-factored EWC: curvature, ..." gives the words before
+  it)."""
+  doc = (inspect.getdoc(importlib.import_module(modname)) or modname)
+  title = _first_sentence(doc.split("\n\n")[0].splitlines()).rstrip(".")
+  return title.split(": ")[0] if ": " in title else title
 
 
 def _first_sentence(lines: list) -> str:
