@@ -31,7 +31,7 @@ from ewc_jax._src.transform import penalty
 from ewc_jax._src.types import Estimator
 from ewc_jax._src.types import Mode
 
-__version__ = "0.1.0"
+__version__ = "0.2.0"
 
 __all__ = [
     "DenseLayer",
