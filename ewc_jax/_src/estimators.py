@@ -53,7 +53,8 @@ def _exact(logits, probs, labels, key, num_samples, mask):
   rows = jnp.eye(size, dtype=jnp.float32)
   classes = jnp.eye(num_classes, dtype=jnp.float32)
   u = rows[:, None, :, None] * (classes[None, :, None, :] - flat[None, None])
-  w = flat if mask is None else flat * mask.reshape(size, 1)
+  w = flat if mask is None else flat * mask.reshape(size, 1).astype(
+      flat.dtype)
   return (u.reshape((size * num_classes,) + logits.shape),
           w.reshape(-1).astype(jnp.float32))
 

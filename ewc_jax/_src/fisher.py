@@ -265,7 +265,9 @@ def _check_batch(est, labels, mask, logits):
 def _batch_arrays(labels, mask):
   """Labels as int32 (positions the mask drops: 0) and the mask as bool."""
   if mask is not None:
-    mask = jnp.asarray(mask) != 0
+    mask = jnp.asarray(mask)
+    if mask.dtype != jnp.bool_:
+      mask = mask != jnp.zeros((), mask.dtype)
   if labels is not None:
     labels = jnp.asarray(labels, jnp.int32)
   return labels, mask

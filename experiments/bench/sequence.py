@@ -110,16 +110,3 @@ def sequence_fisher_ratio(*, vocab=4096, width=256, layers=4, heads=4,
   for r in rows:
     r.update(params=params_count, sequences=sequences, length=length)
   return rows
-
-
-if __name__ == "__main__":
-  import argparse  # noqa: PLC0415
-
-  p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-  p.add_argument("--smoke", action="store_true", help="a tiny model")
-  args = p.parse_args()
-  kw = (dict(vocab=64, width=32, layers=2, sequences=4, length=16, reps=1)
-        if args.smoke else {})
-  for row in sequence_fisher_ratio(**kw):
-    print(f"{row['what']:36s} {row['tokens_per_s']:10.0f} tokens/s  "
-          f"ratio {row['ratio_to_train']:.2f}  ({row['params']} params)")

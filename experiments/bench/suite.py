@@ -8,12 +8,14 @@ only ratios are targets):
   (the gradient of the mean loss) over the same data, as one jitted
   ``lax.scan`` over chunks of 1,000 (``ratio``) and as a Python loop of
   jitted chunks of ``batch_size`` (``ratio_loop``, the older baseline), on
-  the MLP 784-1000-1000-10 (about 1.8M parameters), a CNN and an RNN whose
-  weights the fast path does not know (vmap fallback);
+  the MLP 784-1000-1000-10 (about 1.8M parameters), a CNN and an RNN (its
+  scan one layer of the fast path);
 * the compiled temporary memory of a whole Fisher pass against
   ``batch_size``, and the peak resident memory of whole Fisher passes over
   4x more streamed data (subprocesses);
 * the train step with ``chain(ewc, adam)`` against plain ``adam``;
+* a language model's sampled sequence Fisher against its Adam step, in
+  tokens per second (:mod:`.sequence`);
 * the end-to-end time of experiment presets (subprocesses).
 
 Usage:
@@ -32,6 +34,7 @@ import jax
 
 import ewc_jax
 from experiments.bench import common
+from experiments.bench import sequence
 
 
 def _batch_size(args):
@@ -138,7 +141,7 @@ def bench_presets(args):
   return rows
 
 
-PARTS = ("fisher", "memory", "train", "presets")
+PARTS = ("fisher", "memory", "train", "sequence", "presets")
 
 
 def _count(minimum):
@@ -152,6 +155,17 @@ def _count(minimum):
       raise argparse.ArgumentTypeError(f"must be >= {minimum}, got {value}")
     return value
   return parse
+
+
+def bench_sequence(args):
+  """A language model's sampled sequence Fisher against its Adam step."""
+  kw = (dict(vocab=64, width=32, layers=2, heads=2, sequences=4, length=8)
+        if args.seq_smoke else {})
+  rows = sequence.sequence_fisher_ratio(reps=args.reps, **kw)
+  for r in rows:
+    print(f"  {r['what']:36s} {r['tokens_per_s']:9.0f} tokens/s, "
+          f"{r['ratio_to_train']:.2f}x the train step", flush=True)
+  return rows
 
 
 def parser():
@@ -187,6 +201,8 @@ def parser():
                  help="--device-check: vandeven2019 methods to time")
   p.add_argument("--smoke", action="store_true",
                  help="--device-check on a tiny model and data (tests)")
+  p.add_argument("--seq-smoke", action="store_true",
+                 help="the sequence part on a tiny model (tests)")
   return p
 
 
@@ -245,7 +261,8 @@ def main(argv=None):
   results = dict(environment=common.environment(), args=vars(args))
   print("environment:", results["environment"], flush=True)
   for part, fn in (("fisher", bench_fisher), ("memory", bench_memory),
-                   ("train", bench_train_step), ("presets", bench_presets)):
+                   ("train", bench_train_step), ("sequence", bench_sequence),
+                   ("presets", bench_presets)):
     if part in parts:
       results[part] = fn(args)
       common.write_json(args.out, results)
@@ -256,6 +273,9 @@ def main(argv=None):
           f"({r['ratio_loop']:5.2f}x loop)")
   for r in results.get("train", [])[1:]:
     print(f"  train step ewc+adam / adam: {r['ratio_to_adam']:.3f}")
+  for r in results.get("sequence", [])[1:]:
+    print(f"  {r['what']} / train step (tokens/s): "
+          f"{r['ratio_to_train']:.2f}")
   for r in results.get("presets", []):
     print(f"  preset {r['preset']}: " + (f"{r['seconds']:.1f} s" if r["ok"]
                                          else "FAILED (see its tail in "

@@ -17,7 +17,7 @@ def test_bench_writes_ratios(tmp_path):
   bench.main(["--hidden", "16", "--fast-examples", "512", "--vmap-examples",
               "64", "--rss-examples", "0", "--steps", "4", "--reps", "1",
               "--batch-size", "32", "--estimators", "exact,batched",
-              "--presets", "", "--out", str(out)])
+              "--seq-smoke", "--presets", "", "--out", str(out)])
   res = json.loads(out.read_text())
   paths = {(r["model"], r["path"], r["estimator"]) for r in res["fisher"]}
   assert ("mlp", "fast", "exact") in paths and ("mlp", "vmap", "exact") in paths
@@ -28,6 +28,10 @@ def test_bench_writes_ratios(tmp_path):
   assert ("recurrent", "fast", "exact") in paths
   assert all(r["ratio"] > 0 and r["ratio_loop"] > 0 for r in res["fisher"])
   assert [r["optimizer"] for r in res["train"]] == ["adam", "ewc+adam"]
+  assert [r["what"] for r in res["sequence"]] == [
+      "train step (adam)", "sequence fisher sampled (auto)",
+      "sequence fisher sampled (vmap)"]
+  assert all(r["ratio_to_train"] > 0 for r in res["sequence"])
   assert {r["batch_size"] for r in res["memory"] if "batch_size" in r} == {
       16, 64, 256}
   assert not any("peak_rss_bytes" in r for r in res["memory"])  # 0 skips

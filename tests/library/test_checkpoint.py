@@ -4,11 +4,13 @@ import chex
 import jax
 import jax.numpy as jnp
 import optax
+import pytest
 import orbax.checkpoint as ocp
 
 import ewc_jax
 
 
+@pytest.mark.standard_promotion  # optax.adam / MultiSteps
 def test_orbax_round_trip_of_an_ewc_optimizer_state(tmp_path):
   params = {"w": jnp.arange(6.0).reshape(3, 2), "b": jnp.ones(2)}
   opt = optax.chain(

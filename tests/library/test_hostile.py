@@ -269,6 +269,7 @@ def test_an_apply_fn_with_fewer_rows_than_inputs_is_refused():
     ewc_jax.fisher_diagonal(apply, PARAMS, (X, None))
 
 
+@pytest.mark.standard_promotion  # optax.lookahead's sync
 def test_lookahead_takes_its_fast_params_and_names_the_mix_up():
   la = optax.lookahead(optax.chain(ewc_jax.ewc(1.0), optax.sgd(0.1)),
                        sync_period=2, slow_step_size=0.5)

@@ -187,6 +187,7 @@ def test_kfac_penalty_equals_explicit_kronecker_form():
   np.testing.assert_allclose(got, 1.5 * quad, rtol=1e-5)
 
 
+@pytest.mark.standard_promotion  # optax.adam / MultiSteps
 @pytest.mark.parametrize("inner", [optax.sgd(0.1), optax.adam(0.01)])
 def test_one_step_equals_optimiser_on_loss_plus_penalty(inner):
   apply_fn, params = _torch_style()
@@ -298,6 +299,7 @@ def test_per_task_pull_is_the_gradient_of_the_explicit_kronecker_sum(
   assert not np.allclose(other["w0"], ref["w0"], rtol=1e-2)
 
 
+@pytest.mark.standard_promotion  # optax.adam / MultiSteps
 @pytest.mark.parametrize("mode", ["separate", "online"])
 def test_one_jitted_step_is_traced_once_across_three_consolidations(mode):
   p, anchors, curvs = _three_tasks(True)
@@ -443,6 +445,7 @@ def test_injected_lam_is_read_from_the_hyperparameters():
         lam=1.0, layers=curvs[0].layers, max_tasks=2).init(p)
 
 
+@pytest.mark.standard_promotion  # optax.adam / MultiSteps
 def test_no_retrace_across_three_consolidations():
   p = _mlp_params([3, 4, 2], True)
   x = jax.random.normal(jax.random.key(30), (6, 3))

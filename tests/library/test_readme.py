@@ -3,9 +3,12 @@
 import pathlib
 import re
 
+import pytest
+
 README = pathlib.Path(__file__).resolve().parents[2] / "README.md"
 
 
+@pytest.mark.standard_promotion  # optax.adam / MultiSteps
 def test_readme_example_runs(capsys):
   blocks = re.findall(r"```python\n(.*?)```", README.read_text(), re.S)
   assert blocks, "no python block in the README"
@@ -19,6 +22,7 @@ def test_readme_example_runs(capsys):
   assert penalties[0] == 0.0 and penalties[2] > 0.0
 
 
+@pytest.mark.standard_promotion  # optax.adam / MultiSteps
 def test_readme_language_model_example_runs(capsys):
   blocks = re.findall(r"```python\n(.*?)```", README.read_text(), re.S)
   lm = [b for b in blocks if "nnx.Optimizer" in b]

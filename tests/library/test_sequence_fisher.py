@@ -32,7 +32,7 @@ def lm(p, tokens):
   """A tiny causal transformer, logits [batch, T, V]: an embedding tied to
   the output, attention, a per-token MLP, a scale (RMSNorm-like)."""
   h = p["emb"][tokens] + p["pos"][: tokens.shape[1]]
-  s = jnp.einsum("btd,de,bse->bts", h, p["qk"], h) / np.sqrt(D)
+  s = jnp.einsum("btd,de,bse->bts", h, p["qk"], h) / float(np.sqrt(D))
   causal = jnp.tril(jnp.ones((tokens.shape[1],) * 2, bool))
   h = h + jax.nn.softmax(jnp.where(causal, s, -1e9), -1) @ h
   h = h + jax.nn.gelu(h @ p["up"]) @ p["down"]
@@ -66,14 +66,14 @@ def reference(p, data, estimator, rng=None, num_samples=1, batch=None):
   if estimator == "batched":
     for s in range(0, len(tokens), batch):
       sl = slice(s, s + batch)
-      count = mask[sl].sum()
+      count = float(mask[sl].sum())
       if count == 0:
         continue
       g = jax.grad(lambda q: sum(  # noqa: B023
           _seq_loglik(q, t, y, m) for t, y, m in zip(
               tokens[sl], labels[sl], mask[sl])) / count)(p)
       total = add(total, g, count)
-    return jax.tree.map(lambda a: a / mask.sum(), total)
+    return jax.tree.map(lambda a: a / float(mask.sum()), total)
   for i in range(len(tokens)):
     logits = lm(p, tokens[i:i + 1])[0].astype(jnp.float32)
     if estimator == "empirical":

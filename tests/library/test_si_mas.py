@@ -60,6 +60,7 @@ def _batches(t, n=5):
           for k in keys]
 
 
+@pytest.mark.standard_promotion  # optax.adam / MultiSteps
 @pytest.mark.parametrize("wrap_ewc", [False, True])
 def test_si_wrapper_equals_zenke_loop(wrap_ewc):
   params = {"w": jax.random.normal(jax.random.key(3), (3, 2)),

@@ -35,6 +35,7 @@ def loss_fn(params, x):
                           + params["dense"]["bias"]) ** 2) * params["scale"]
 
 
+@pytest.mark.standard_promotion  # optax.adam / MultiSteps
 @pytest.mark.parametrize("inner", ["sgd", "adam"])
 def test_step_equals_optimiser_on_loss_plus_penalty(inner):
   params = random_tree(0, PARAMS)
@@ -296,6 +297,7 @@ def test_dtypes_of_updates_are_kept():
       lambda x: x.dtype, state)
 
 
+@pytest.mark.standard_promotion  # optax.adam / MultiSteps
 def test_works_with_an_nnx_model_end_to_end():
   model = models.NNXMLP([4, 8, 3], nnx.Rngs(0))
   apply_fn, params = models.nnx_apply(model)
@@ -377,6 +379,7 @@ def test_ewc_penalty_validates_its_arguments():
     ewc_jax.ewc_penalty(PARAMS, PARAMS, PARAMS, -2.0)
 
 
+@pytest.mark.standard_promotion  # optax.adam / MultiSteps
 def test_state_buffers_are_not_aliased_so_donation_works():
   params = random_tree(0, PARAMS)
   opt = optax.chain(ewc_jax.ewc(1.0, mode="online", gamma=0.9),
