@@ -7,7 +7,7 @@ finishes, so an interrupted run resumes with ``--resume``):
    first half for validation (choosing lambda), its second for the test
    (the table); never trained on.
 2. **pretrain** (offline default only): a byte-level BPE tokenizer trained
-   on the training texts, a small Qwen3 trained on A, saved as a Hugging
+   on A's training text, a small Qwen3 trained on A, saved as a Hugging
    Face checkpoint directory ``OUT/pretrained``. With ``--model-dir`` the
    user's checkpoint is used instead.
 3. **load**: the checkpoint directory through :func:`family.load`, the same
@@ -90,7 +90,7 @@ def _open(live: Optional[LiveMetrics], name: str, config: Config):
   return tracking.Trackers() if live is None else live.open(name, config)
 
 
-# --- data ------------------------------------------------------------------------
+# --- data --------------------------------------------------------------------
 
 
 def load_texts(config: Config) -> dict[str, Any]:
@@ -156,7 +156,7 @@ def _ppl(loss: float) -> float:
   return float(math.exp(min(loss, 50.0)))
 
 
-# --- state on disk -------------------------------------------------------------------
+# --- state on disk -----------------------------------------------------------
 
 
 class RunDir:
@@ -223,7 +223,7 @@ class RunDir:
     return jax.tree.unflatten(treedef, [jnp.asarray(x) for x in leaves])
 
 
-# --- phases --------------------------------------------------------------------------
+# --- phases ------------------------------------------------------------------
 
 
 def offline_model_config(config: Config, vocab_size: int
@@ -264,8 +264,9 @@ def _make_forward(graphdef):
 def pretrain(config: Config, run_dir: RunDir, texts, progress, live):
   """Tokenizer and a small Qwen3 trained on A, saved as a checkpoint."""
   with progress.phase("tokenizer", 0):
-    tok = tok_lib.train([texts["a"][0]["train"], texts["b"][0]["train"]],
-                        config.vocab_size)
+    # On A's training text only, as a real checkpoint's tokenizer knows its
+    # pretraining data and not the new domain's.
+    tok = tok_lib.train([texts["a"][0]["train"]], config.vocab_size)
     tok_path = run_dir.out / "tokenizer.json"
     tok_lib.save(tok, tok_path)
     data = tokenize(config, tok, texts)

@@ -221,7 +221,7 @@ def read_config(model_dir: str | os.PathLike, *,
   return config_from_dict(hf, where=str(path), dtype=dtype), hf
 
 
-# --- parameters ----------------------------------------------------------------
+# --- parameters --------------------------------------------------------------
 
 
 def init_params(config: ModelConfig, seed: int, *, std: float = 0.02) -> Any:
@@ -371,7 +371,7 @@ def num_params(params: Any) -> int:
   return int(sum(np.size(x) for x in jax.tree.leaves(params)))
 
 
-# --- the forward pass ----------------------------------------------------------
+# --- the forward pass --------------------------------------------------------
 
 
 def make_apply_fn(graphdef: Any, rest: Any = None):

@@ -120,9 +120,8 @@ def sample_tokens(apply_fn, params, inputs, rng, num_samples, batch_size):
 
     def one(row_logits, i):
       key = jax.random.fold_in(rng, i)
-      return jnp.stack([jax.random.categorical(
-          jax.random.fold_in(key, s), row_logits) for s in
-          range(num_samples)])
+      return jax.vmap(lambda s: jax.random.categorical(
+          jax.random.fold_in(key, s), row_logits))(jnp.arange(num_samples))
 
     return jax.vmap(one)(logits, index)
 

@@ -71,9 +71,11 @@ def results_table(results: dict[str, Any]) -> str:
     notes.append(f"sum(F empirical) / sum(F sampled) = "
                  f"{fisher['ratio_empirical_to_sampled']:.2f}")
   if "ratio_sampled_to_batched" in fisher:
+    cfg = results["config"]
+    scale = cfg["batched_scale"] or cfg["fisher_batch_size"] * cfg["seq_len"]
     notes.append(f"sum(F sampled) / sum(batched) = "
                  f"{fisher['ratio_sampled_to_batched']:.0f} (batched "
-                 f"lambda = lambda x {results['config']['batched_scale'] or results['config']['fisher_batch_size'] * results['config']['seq_len']:g}); "
+                 f"lambda = lambda x {scale:g}); "
                  f"cosine {fisher['cosine_sampled_batched']:.3f}")
   if notes:
     lines += ["", "Importances on A: " + "; ".join(notes) + "."]
