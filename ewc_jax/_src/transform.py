@@ -5,24 +5,17 @@ from typing import Any, Callable, NamedTuple, Optional, Union
 
 import jax
 import jax.numpy as jnp
-import numpy as np
 import optax
 
-from ewc_jax._src import hyperparams as hyper_lib
+from ewc_jax._src import states as states_lib
 from ewc_jax._src import tree as tree_lib
+from ewc_jax._src import validate
 from ewc_jax._src.types import MODE_NAMES
 from ewc_jax._src.types import Mode
 from ewc_jax._src.types import StaticStr
 
 MODES = MODE_NAMES
-
-_NO_PARAMS_MSG = (
-    "ewc_jax.ewc needs the current parameters: call "
-    "`optimizer.update(grads, opt_state, params)`; params was None.")
-
-# optax.inject_hyperparams' states: where an injected lam lives.
-_INJECT_STATES = (optax.InjectHyperparamsState,
-                  optax.InjectStatefulHyperparamsState)
+_STATIC_ARGS = "('mode', 'gamma')"
 
 
 class EWCState(NamedTuple):
@@ -65,10 +58,6 @@ class EWCState(NamedTuple):
   gamma: jax.Array
   num_tasks: jax.Array
   mode: StaticStr
-
-
-def _is_masked(x: Any) -> bool:
-  return isinstance(x, optax.MaskedNode)
 
 
 def ewc(
@@ -147,14 +136,9 @@ def ewc(
     Schwarz et al., `Progress & Compress <https://arxiv.org/abs/1805.06370>`_,
     ICML 2018.
   """
-  if mode not in MODES:
-    raise ValueError(f"mode must be one of {MODES}, got {mode!r}.")
-  gamma0 = hyper_lib.check_gamma(gamma)
-  if mode == "separate" and gamma0 != 1.0:
-    raise ValueError(
-        f'gamma decays old tasks only in mode="online"; got gamma={gamma!r} '
-        'with mode="separate" (which keeps every task at full weight).')
-  hyper_lib.check_lam(lam)
+  gamma0 = states_lib.check_mode_and_gamma(mode, MODES, gamma,
+                                           "EWCState.gamma", _STATIC_ARGS)
+  validate.check_lam(lam)
 
   def init_fn(params):
     # zeros_like keeps each parameter's sharding: the pull needs no
@@ -173,26 +157,24 @@ def ewc(
   def update_fn(updates, state, params=None, **extra_args):
     del extra_args  # e.g. value=loss, meant for other transformations
     if params is None:
-      raise ValueError(_NO_PARAMS_MSG)
-    try:  # shapes are static: checked once per trace under jit
-      tree_lib.check_same_structure(
-          "the EWC state", state.curvature, "params", params,
-          is_leaf=_is_masked)
-    except ValueError as e:
-      raise ValueError(
-          f"ewc update got params unlike those given to init: {e}") from e
+      raise ValueError(states_lib.no_params_message("ewc_jax.ewc"))
     lam_f32 = jnp.asarray(lam, jnp.float32)
 
     def pull(u, a, c, p):
-      if u is None:
-        return None
+      if tree_lib.is_masked(a):  # left out by optax.masked
+        return u
       f32 = u.astype(jnp.float32) + lam_f32 * a * (p.astype(jnp.float32) - c)
       return f32.astype(u.dtype)
 
-    updates = jax.tree.map(
-        pull, updates, state.curvature, state.center, params,
-        is_leaf=lambda x: x is None)
-    return updates, state
+    try:  # shapes are static: checked once per trace under jit
+      tree_lib.check_same_structure("the EWC state", state.curvature,
+                                    "params", params)
+      return tree_lib.map_by_path(
+          pull, ("updates", "the EWC state", "the EWC state", "params"),
+          updates, state.curvature, state.center, params), state
+    except ValueError as e:
+      raise ValueError(
+          f"ewc update got params unlike those given to init: {e}") from e
 
   tx = optax.GradientTransformationExtraArgs(init_fn, update_fn)
   if mask is not None:
@@ -200,80 +182,42 @@ def ewc(
   return tx
 
 
-def _is_state(x: Any) -> bool:
-  return isinstance(x, EWCState)
-
-
-def _find_states(opt_state: Any) -> list[EWCState]:
-  leaves = jax.tree.leaves(opt_state, is_leaf=_is_state)
-  return [s for s in leaves if _is_state(s)]
-
-
-def _states_with_lam(opt_state: Any, lam: Any = None) -> list[tuple]:
-  """``(state, lam)`` for each EWC state; lam from the nearest injection."""
-  is_node = lambda x: isinstance(x, (EWCState,) + _INJECT_STATES)  # noqa: E731
-  found = []
-  for node in jax.tree.leaves(opt_state, is_leaf=is_node):
-    if isinstance(node, EWCState):
-      found.append((node, lam))
-    elif isinstance(node, _INJECT_STATES):
-      found += _states_with_lam(node.inner_state,
-                                node.hyperparams.get("lam", lam))
-  return found
-
-
 def _fold(s: EWCState, params, fisher) -> EWCState:
   """Folds one finished task (anchor ``params``, Fisher ``fisher``) in."""
-  # Leaves masked out by optax.masked are MaskedNode in the state; the full
-  # params/fisher trees have arrays there, which tree_map skips below.
-  tree_lib.check_same_structure(
-      "the EWC state", s.curvature, "params", params, is_leaf=_is_masked,
-      check_shapes=True)
-  tree_lib.check_same_structure(
-      "the EWC state", s.curvature, "fisher", fisher, is_leaf=_is_masked,
-      check_shapes=True)
-
-  def leaves(fn, *trees):
-    return jax.tree.map(
-        lambda a, *rest: a if _is_masked(a) else fn(a, *rest),
-        *trees, is_leaf=_is_masked)
-
-  f32 = lambda x: jnp.asarray(x, jnp.float32)  # noqa: E731
-  if s.mode == "separate" and tree_lib.is_concrete(s.gamma) and np.any(
-      np.asarray(s.gamma) != 1.0):
-    raise ValueError(
-        'gamma decays old tasks only in mode="online", but a separate-mode '
-        f"EWC state holds gamma={np.asarray(s.gamma).tolist()} (set with "
-        "tree_set?); "
-        "separate mode keeps every task at full weight: set gamma back to 1, "
-        'or build the optimiser with ewc(lam, mode="online", gamma=...).')
+  names = ("the EWC state", "params", "fisher")
+  gamma = tree_lib.value(s.gamma)
+  f32 = states_lib.f32
   if s.mode == "online":
-    curvature = leaves(lambda a, f: s.gamma * a + f32(f), s.curvature,
-                       fisher)
-    # A copy: the state must not alias the caller's params (donation).
-    center = leaves(lambda c, p: jnp.array(p, jnp.float32, copy=True),
-                    s.center, params)
+    ok = validate.gamma_ok(gamma)  # under jit: a bad gamma poisons
+    curvature = tree_lib.map_by_path(
+        lambda a, p, f: states_lib.poison(ok, gamma * a + f32(f)), names,
+        s.curvature, params, fisher, extra_ok=True)
+    center = tree_lib.map_by_path(
+        lambda c, p, f: states_lib.copy_f32(p), names, s.center, params,
+        fisher, extra_ok=True)
     residual = jnp.zeros([], jnp.float32)
   else:
-    def new_center(a, c, f, p):
-      # c + F / (A + F) (p - c): exactly the anchor p for the first task.
-      total = a + f32(f)
-      share = f32(f) / jnp.where(total > 0, total, 1.0)
-      return jnp.where(total > 0, c + share * (f32(p) - c), f32(p))
-
-    def gap(a, c, f, p):
-      # Combining A(x-c)^2 and F(x-p)^2 leaves A F / (A + F) (c - p)^2.
-      total = a + f32(f)
-      w = a * f32(f) / jnp.where(total > 0, total, 1.0)
-      return jnp.sum(w * jnp.square(c - f32(p)))
-
-    center = leaves(new_center, s.curvature, s.center, fisher, params)
-    gaps = leaves(gap, s.curvature, s.center, fisher, params)
-    residual = s.residual + sum(
+    center = tree_lib.map_by_path(
+        lambda a, c, p, f: states_lib.fold_centre(a, c, f, p),
+        ("the EWC state",) + names, s.curvature, s.center, params, fisher,
+        extra_ok=True)
+    gaps = tree_lib.map_by_path(
+        lambda a, c, p, f: states_lib.fold_gap(a, c, f, p),
+        ("the EWC state",) + names, s.curvature, s.center, params, fisher,
+        extra_ok=True)
+    residual = tree_lib.value(s.residual) + sum(
         jax.tree.leaves(gaps), jnp.zeros([], jnp.float32))
-    curvature = leaves(lambda a, f: a + f32(f), s.curvature, fisher)
-  return s._replace(curvature=curvature, center=center, residual=residual,
-                    num_tasks=s.num_tasks + 1)
+    curvature = tree_lib.map_by_path(
+        lambda a, p, f: a + f32(f), names, s.curvature, params, fisher,
+        extra_ok=True)
+  return s._replace(
+      curvature=curvature, center=center,
+      residual=tree_lib.rewrap(s.residual, residual),
+      num_tasks=tree_lib.rewrap(s.num_tasks,
+                                tree_lib.value(s.num_tasks) + 1))
+
+
+_fold_jit = jax.jit(_fold)
 
 
 def consolidate(opt_state: Any, params: Any, fisher: Any) -> Any:
@@ -316,7 +260,7 @@ def consolidate(opt_state: Any, params: Any, fisher: Any) -> Any:
   Warns:
     UserWarning: when ``fisher`` is zero everywhere (the task adds nothing).
   """
-  if not _find_states(opt_state):
+  if not tree_lib.find(opt_state, EWCState):
     raise ValueError(
         "consolidate found no ewc_jax.ewc state in opt_state; build the "
         "optimiser with ewc_jax.ewc(...) (e.g. optax.chain(ewc_jax.ewc(lam), "
@@ -334,9 +278,12 @@ def consolidate(opt_state: Any, params: Any, fisher: Any) -> Any:
         "consolidate got a Fisher that is zero everywhere: this task adds no "
         "penalty (was the Fisher computed on the right data and model?).",
         stacklevel=2)
-  return jax.tree.map(
-      lambda s: _fold(s, params, fisher) if _is_state(s) else s,
-      opt_state, is_leaf=_is_state)
+  for s in tree_lib.find(opt_state, EWCState):  # before jit: values needed
+    validate.check_state_gamma(tree_lib.value(s.gamma), "EWCState.gamma",
+                               s.mode == "separate")
+  # One compiled fold per state layout (not one small program per leaf).
+  return states_lib.replace_states(opt_state, EWCState,
+                                   lambda s: _fold_jit(s, params, fisher))
 
 
 def penalty(params: Any, opt_state: Any, lam: Any = None) -> jax.Array:
@@ -362,18 +309,21 @@ def penalty(params: Any, opt_state: Any, lam: Any = None) -> jax.Array:
       a ``lam`` (given, or injected and concrete) that is negative or not
       finite; ``params`` not shaped like the state (the path is named).
   """
-  found = _states_with_lam(opt_state)
+  found = states_lib.with_lam(opt_state, EWCState)
   if not found:
     raise ValueError("penalty found no ewc_jax.ewc state in opt_state.")
   if lam is not None:
-    hyper_lib.check_lam(lam)
+    validate.check_lam(lam)
   total = jnp.zeros([], jnp.float32)
   for s, injected in found:
-    tree_lib.check_same_structure(
-        "the EWC state", s.curvature, "params", params, is_leaf=_is_masked)
+    terms = tree_lib.map_by_path(
+        lambda a, c, p: jnp.sum(a * jnp.square(jnp.asarray(p, jnp.float32)
+                                               - c)),
+        ("the EWC state", "the EWC state", "params"), s.curvature, s.center,
+        params, extra_ok=True)
     s_lam = injected if lam is None else lam
     if lam is None and injected is not None:
-      hyper_lib.check_lam(injected)  # e.g. a negative lam set by tree_set
+      validate.check_lam(injected)  # e.g. a negative lam set by tree_set
     if s_lam is None:
       raise ValueError(
           "penalty needs lam: ewc(lam) keeps lam as a constant of the "
@@ -381,13 +331,9 @@ def penalty(params: Any, opt_state: Any, lam: Any = None) -> jax.Array:
           "lam=...), or build the optimiser with optax.inject_hyperparams("
           "ewc_jax.ewc, static_args=('mode',))(lam=...) so that the state "
           "holds it.")
-    terms = jax.tree.map(
-        lambda a, c, p: jnp.zeros([]) if _is_masked(a) else jnp.sum(
-            a * jnp.square(jnp.asarray(p, jnp.float32) - c)),
-        s.curvature, s.center, params, is_leaf=_is_masked)
-    quad = sum(jax.tree.leaves(terms), jnp.zeros([], jnp.float32))
+    quad = tree_lib.sum_leaves(terms)
     total = total + 0.5 * jnp.asarray(s_lam, jnp.float32) * (
-        quad + s.residual)
+        quad + tree_lib.value(s.residual))
   return total
 
 
@@ -415,14 +361,13 @@ def ewc_penalty(params: Any, anchor: Any, fisher: Any, lam: float) -> jax.Array:
   """
   tree_lib.check_same_structure("params", params, "anchor", anchor)
   tree_lib.check_same_structure("params", params, "fisher", fisher)
-  hyper_lib.check_lam(lam)
+  validate.check_lam(lam)
   tree_lib.check_finite("anchor", anchor)
   tree_lib.check_finite("fisher", fisher, nonnegative=True)
-  terms = jax.tree.map(
+  terms = tree_lib.map_by_path(
       lambda p, a, f: jnp.sum(
           jnp.asarray(f, jnp.float32)
           * jnp.square(jnp.asarray(p, jnp.float32)
                        - jnp.asarray(a, jnp.float32))),
-      params, anchor, fisher)
-  return 0.5 * jnp.asarray(lam, jnp.float32) * sum(
-      jax.tree.leaves(terms), jnp.zeros([], jnp.float32))
+      ("params", "anchor", "fisher"), params, anchor, fisher)
+  return 0.5 * jnp.asarray(lam, jnp.float32) * tree_lib.sum_leaves(terms)

@@ -113,7 +113,8 @@ def test_gamma_in_separate_mode_is_refused():
     ewc_jax.ewc(1.0, gamma=0.5)
   opt = optax.chain(ewc_jax.ewc(1.0), optax.sgd(0.1))
   s = optax.tree_utils.tree_set(opt.init(PARAMS), gamma=0.5)
-  with pytest.raises(ValueError, match="separate-mode EWC state holds gamma"):
+  with pytest.raises(ValueError,
+                     match="separate-mode state holds EWCState.gamma"):
     ewc_jax.consolidate(s, PARAMS, PARAMS)
   ewc_jax.ewc(1.0, gamma=1.0)  # the default value stays accepted
   ewc_jax.ewc(1.0, mode="online", gamma=0.5)
