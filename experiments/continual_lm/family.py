@@ -26,7 +26,6 @@ stricter test of an implementation, and tunix's presets for the whole
 family; its Llama 3 code has the same rope_theta bug.
 """
 
-import contextlib
 import contextvars
 import dataclasses
 import functools
@@ -268,6 +267,7 @@ def load(model_dir: str | os.PathLike, *, dtype: str = "float32",
       the config (tunix's message, on one line).
   """
   config, hf = read_config(model_dir, dtype=dtype)
+  check_tensors(model_dir, config)
   try:
     model = qwen3_params.create_model_from_safe_tensors(
         str(model_dir), config, mesh=mesh, dtype=DTYPES[dtype])
@@ -275,25 +275,64 @@ def load(model_dir: str | os.PathLike, *, dtype: str = "float32",
     raise CheckpointError(
         f"--model-dir {model_dir}: the tensors do not fit config.json: "
         f"{' '.join(str(e).split())[:300]}") from None
-  _check_loaded(model, config, model_dir)
   return model, config, hf
 
 
-def _check_loaded(model: nnx.Module, config: ModelConfig, model_dir) -> None:
-  """tunix leaves a Param it found no tensor for as its init: refuse."""
-  _, params = nnx.split(model, nnx.Param)
-  names = set(_hf_tensors(params, config))
-  with contextlib.suppress(Exception):
-    from safetensors import safe_open  # noqa: PLC0415
-    found = set()
-    for f in pathlib.Path(model_dir).glob("*.safetensors"):
-      with safe_open(str(f), framework="numpy") as sf:
-        found |= set(sf.keys())
-    missing = sorted(names - found)
-    if missing:
+def expected_shapes(config: ModelConfig) -> dict[str, tuple[int, ...]]:
+  """The Hugging Face tensor names and shapes of a Qwen3 ``config``."""
+  d, f, hd = config.embed_dim, config.hidden_dim, config.head_dim
+  h, kv = config.num_heads, config.num_kv_heads
+  out = {"model.embed_tokens.weight": (config.vocab_size, d),
+         "model.norm.weight": (d,)}
+  for i in range(config.num_layers):
+    p = f"model.layers.{i}."
+    out |= {p + "self_attn.q_proj.weight": (h * hd, d),
+            p + "self_attn.k_proj.weight": (kv * hd, d),
+            p + "self_attn.v_proj.weight": (kv * hd, d),
+            p + "self_attn.o_proj.weight": (d, h * hd),
+            p + "self_attn.q_norm.weight": (hd,),
+            p + "self_attn.k_norm.weight": (hd,),
+            p + "mlp.gate_proj.weight": (f, d),
+            p + "mlp.up_proj.weight": (f, d),
+            p + "mlp.down_proj.weight": (d, f),
+            p + "input_layernorm.weight": (d,),
+            p + "post_attention_layernorm.weight": (d,)}
+  if not config.use_tied_embedding:
+    out["lm_head.weight"] = (config.vocab_size, d)
+  return out
+
+
+def check_tensors(model_dir: str | os.PathLike, config: ModelConfig) -> None:
+  """Refuses a checkpoint whose tensors miss or misfit its ``config.json``.
+
+  tunix would keep its own initialisation for a missing tensor (zeros for
+  the MLP) or fail deep inside its loader; the headers are read only.
+
+  Raises:
+    CheckpointError: the first missing or misshapen tensor, named.
+  """
+  from safetensors import safe_open  # noqa: PLC0415 (the lm extra)
+
+  found = {}
+  for path in sorted(pathlib.Path(model_dir).glob("*.safetensors")):
+    try:
+      with safe_open(str(path), framework="numpy") as f:
+        for name in f.keys():
+          found[name] = tuple(f.get_slice(name).get_shape())
+    except Exception as e:  # safetensors raises its own SafetensorError
+      raise CheckpointError(f"{path}: not a safetensors file: "
+                            f"{' '.join(str(e).split())[:200]}") from None
+  want = expected_shapes(config)
+  missing = [n for n in want if n not in found]
+  if missing:
+    raise CheckpointError(
+        f"--model-dir {model_dir}: tensor {missing[0]} is missing "
+        f"({len(missing)} missing in all).")
+  for name, shape in want.items():
+    if found[name] != shape:
       raise CheckpointError(
-          f"--model-dir {model_dir}: tensor {missing[0]} is missing "
-          f"({len(missing)} missing in all).")
+          f"--model-dir {model_dir}: tensor {name} has shape "
+          f"{found[name]}, config.json implies {shape}.")
 
 
 def _hf_tensors(params: Any, config: ModelConfig) -> dict[str, np.ndarray]:

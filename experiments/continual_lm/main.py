@@ -105,7 +105,9 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
     experiment = _import_experiment()
     from experiments.continual_lm import family  # noqa: PLC0415
     if config.model_dir is not None:
-      family.read_config(config.model_dir, dtype=config.dtype)
+      model_config, _ = family.read_config(config.model_dir,
+                                           dtype=config.dtype)
+      family.check_tensors(config.model_dir, model_config)
     family.make_mesh(config.mesh)
     experiment.load_texts(config)  # bad corpora fail before any training
   except (ValueError, ImportError, OSError) as e:

@@ -169,6 +169,11 @@ def test_a_config_the_model_cannot_honour_is_refused(tmp_path, capsys):
   with pytest.raises(family.CheckpointError, match="up_proj.weight is "
                      "missing"):
     family.load(d)
+  t["model.layers.1.mlp.up_proj.weight"] = np.zeros((47, 32), np.float32)
+  save_file(t, str(d / "model.safetensors"))
+  assert main_lib.main([*flags, "--model-dir", str(d)]) == 2
+  _one_line(capsys, "up_proj.weight has shape (47, 32), config.json "
+            "implies (48, 32)")
   assert main_lib.main([*flags, "--mesh", "3x5"]) == 2
   _one_line(capsys, "--mesh 3x5: 15 devices, but 1 are present")
 
@@ -220,6 +225,9 @@ def test_model_dir_end_to_end_resumed_after_an_interrupt(tmp_path, capsys,
   assert set(state["fisher"]) >= {"sampled", "empirical", "batched",
                                   "lora_sampled"}
   assert not (out / "results.json").exists()
+  assert main_lib.main([*flags, "--lr", "0.5", "--resume"]) == 2
+  _one_line(capsys, "holds a run of another configuration (differs in: "
+            "finetune_lr)")
   calls.clear()
   assert main_lib.main([*flags, "--resume"]) == 0
   # Only what was left: the rest of the sweep, then the other methods.
