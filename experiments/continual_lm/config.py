@@ -49,7 +49,7 @@ class Config:
   """SwiGLU hidden width."""
   rope_theta: float = 10_000.0
   """RoPE base of the offline model (Qwen3's checkpoints use 1e6)."""
-  pretrain_steps: int = 600
+  pretrain_steps: int = 400
   """Steps of training on corpus A."""
   pretrain_lr: float = 3e-3
   """Peak learning rate on A (warmup, cosine decay to a tenth)."""

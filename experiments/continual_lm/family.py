@@ -496,4 +496,7 @@ def make_mesh(spec: Optional[str]) -> Optional[jax.sharding.Mesh]:
     if shape[0] * shape[1] != n:
       raise ValueError(f"--mesh {spec}: {shape[0] * shape[1]} devices, but "
                        f"{n} are present.")
-  return jax.make_mesh(shape, ("fsdp", "tp"))
+  # Auto axes: the compiler propagates tunix's annotations (explicit axes
+  # would ask every gather for an output sharding).
+  return jax.make_mesh(shape, ("fsdp", "tp"),
+                       axis_types=(jax.sharding.AxisType.Auto,) * 2)

@@ -9,6 +9,7 @@ and is read the same way (:func:`load`).
 
 import os
 import pathlib
+import re
 from typing import Iterable
 
 import numpy as np
@@ -59,18 +60,30 @@ def save(tok, path: str | os.PathLike) -> pathlib.Path:
   return path
 
 
+# A place where a GPT-2-style byte-level pre-tokenizer splits whatever
+# comes before and after: a single space or newline between two non-spaces
+# (the space then starts the next word, the newline is a token alone).
+_CUT = re.compile(r"(?<=\S)[ \n](?=\S)")
+
+
 def encode(tok, text: str, *, chunk_chars: int = 1 << 16) -> np.ndarray:
   """The token ids of ``text`` (int32), encoded in parallel chunks.
 
-  Chunks end at a newline (where a byte-level pre-tokenizer splits
-  anyway), so the ids are those of the whole text for the trained BPE.
+  Chunks are cut only where the byte-level pre-tokenizer splits anyway
+  (`_CUT`), so the ids are those of the whole text; a chunk without such a
+  place grows until one comes.
   """
   pieces, start = [], 0
   while start < len(text):
-    end = min(start + chunk_chars, len(text))
+    end = start + chunk_chars
     if end < len(text):
-      cut = text.rfind("\n", start, end)
-      end = cut + 1 if cut > start else end
+      back = [m.start() for m in _CUT.finditer(text, start + 1, end)]
+      if back:
+        end = back[-1]
+      else:
+        ahead = _CUT.search(text, end)
+        end = ahead.start() if ahead else len(text)
+    end = min(end, len(text))
     pieces.append(text[start:end])
     start = end
   ids = [e.ids for e in tok.encode_batch(pieces, add_special_tokens=False)]

@@ -146,6 +146,20 @@ def index_plan(seed: int, n: int, batch_size: int,
   return np.concatenate(rows)[:num_steps].astype(np.int32)
 
 
+def _replicated(tree: Any) -> Optional[jax.sharding.Sharding]:
+  """A replicated sharding on the mesh ``tree`` is sharded over, or None.
+
+  The training data then sits on every device of the model's mesh (a
+  single-device array would not mix with the sharded params).
+  """
+  for leaf in jax.tree.leaves(tree):
+    sharding = getattr(leaf, "sharding", None)
+    if isinstance(sharding, jax.sharding.NamedSharding):
+      return jax.sharding.NamedSharding(sharding.mesh,
+                                        jax.sharding.PartitionSpec())
+  return None
+
+
 def _copy(tree: Any) -> Any:
   # Fresh buffers: donating them must not delete the caller's arrays (an
   # EWC anchor may alias the params it was consolidated at).
@@ -204,7 +218,7 @@ def fit(
                      f"steps_per_call ({steps_per_call}).")
   plan = index_plan(seed, len(data), batch_size, num_steps)
   run = _step_fn(forward, tx)
-  data = jax.device_put(np.asarray(data, np.int32))
+  data = jax.device_put(np.asarray(data, np.int32), _replicated(trainable))
   trainable, opt_state = _copy(trainable), _copy(opt_state)
   history = {"loss": [], "penalty": [], "eval_steps": [], "eval": {},
              "best_step": None}
