@@ -81,9 +81,12 @@ class LiveMetrics:
   wandb_project: Optional[str] = None
 
   def open(self, name: str, config: Config) -> tracking.Trackers:
+    # purge_step 0: a run started again after an interrupt replaces the
+    # curves its first attempt left (every run starts from its step 0).
     return tracking.open_trackers(
         name, logdir=self.logdir, wandb_project=self.wandb_project,
-        group="continual_lm", config=dataclasses.asdict(config))
+        group="continual_lm", config=dataclasses.asdict(config),
+        purge_step=0)
 
 
 def _open(live: Optional[LiveMetrics], name: str, config: Config):

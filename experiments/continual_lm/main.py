@@ -105,9 +105,14 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
     experiment = _import_experiment()
     from experiments.continual_lm import family  # noqa: PLC0415
     if config.model_dir is not None:
-      model_config, _ = family.read_config(config.model_dir,
-                                           dtype=config.dtype)
+      model_config, hf = family.read_config(config.model_dir,
+                                            dtype=config.dtype)
       family.check_tensors(config.model_dir, model_config)
+      longest = hf.get("max_position_embeddings")
+      if isinstance(longest, int) and config.seq_len + 1 > longest:
+        raise ValueError(
+            f"--seq-len {config.seq_len}: sequences of seq_len + 1 tokens "
+            f"exceed the checkpoint's max_position_embeddings {longest}.")
     family.make_mesh(config.mesh)
     experiment.load_texts(config)  # bad corpora fail before any training
   except (ValueError, ImportError, OSError) as e:

@@ -285,6 +285,20 @@ def test_progress_counts_every_phase_and_logs_without_a_terminal(caplog):
       "a ...", "a", "b (kept) ...", "b (kept)"]
 
 
+def test_progress_draws_the_job_bar_and_the_phase_bar(capsys):
+  p = progress_lib.Progress(8, enabled=True)
+  with p.phase("pretrain", 5) as advance:
+    advance(2)
+    p.note("compiling")
+    advance(3)
+  with p.phase("finetune", 3) as advance:
+    advance(3)
+  p.close()
+  err = capsys.readouterr().err
+  assert "job" in err and "pretrain" in err and "finetune" in err
+  assert "8/8" in err and "compiling" in err
+
+
 # --- corpora, settings and the command line ----------------------------------
 
 
