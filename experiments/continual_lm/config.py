@@ -115,9 +115,9 @@ class Config:
 
 
 PRESETS = {
-    # About 7 minutes on the 2-core CPU; results in docs/continual_lm.md.
+    # 9 min 45 s of CPU time on the 2-core CPU; docs/continual_lm.md.
     "cpu": Config(),
-    # One GPU: a 20M-parameter Qwen3 on tens of MB of text.
+    # One GPU: a 20M-parameter Qwen3 on tens of MB of text (not yet run).
     "gpu": Config(vocab_size=8192, d_model=512, num_layers=6, num_heads=8,
                   num_kv_heads=4, mlp_dim=1536, pretrain_steps=4000,
                   pretrain_lr=1e-3, pretrain_eval_every=250, seq_len=256,
