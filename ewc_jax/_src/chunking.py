@@ -1,8 +1,8 @@
-"""Data in chunks: batches, padding, label checks and per-backend plans.
+"""Data in chunks: batches, padding, stacking on a mesh, per-backend plans.
 
-Every Fisher pass works through its data in chunks of one shape, so that its
-step compiles once. Arrays are taken by the one-program pass (all chunks in
-one ``fori_loop`` on the device, see ``fisher.py``); iterables of batches
+Every pass works through its data in chunks of one shape, so that its step
+compiles once. Arrays are taken by the one-program pass (all chunks in one
+``fori_loop`` on the device, see ``pass_driver.py``); iterables of batches
 (streams) are cut into chunks here, one compiled step per chunk. Padding
 repeats a real example (row 0 of the batch) and a mask removes it with
 ``jnp.where``: a model undefined at zero input (``x / ||x||``) then never
@@ -20,7 +20,6 @@ is a few large matrix products
 
 import dataclasses
 import math
-import numbers
 from typing import Any, Iterator, Optional
 
 import jax
@@ -30,6 +29,7 @@ from jax.sharding import NamedSharding
 from jax.sharding import PartitionSpec
 
 from ewc_jax._src import tree as tree_lib
+from ewc_jax._src import validate
 
 CPU_CHUNK = 256  # tuned on a 2-core XLA:CPU (see BENCHMARKS.md)
 CPU_SUB_CHUNK = 64
@@ -63,14 +63,6 @@ class ChunkPlan:
   loop_examples: bool = False
 
 
-def positive_int(name: str, value: Any) -> int:
-  """``value`` as an int (NumPy integers accepted), else a ValueError."""
-  if isinstance(value, bool) or not isinstance(value, numbers.Integral) or (
-      value < 1):
-    raise ValueError(f"{name} must be a positive int, got {value!r}.")
-  return int(value)
-
-
 def divisor_at_most(n: int, most: int) -> int:
   """The largest divisor of ``n`` that is at most ``most``."""
   return max(g for g in range(1, min(most, n) + 1) if n % g == 0)
@@ -102,7 +94,7 @@ def plan_chunks(batch_size: Optional[int], num_examples: Optional[int], *,
   backend = backend or jax.default_backend()
   cpu = backend == "cpu"
   if batch_size is not None:
-    batch_size = positive_int("batch_size", batch_size)
+    batch_size = validate.positive_int("batch_size", batch_size)
     if batch_size % shards:
       raise ValueError(
           f"batch_size ({batch_size}) must be divisible by the number of "
@@ -178,30 +170,61 @@ def pad_rows(x, size: int):
   return lib.concatenate([x, lib.repeat(x[:1], size - n, axis=0)])
 
 
+def _concat(parts):
+  """Row-wise concatenation of same-structured array pytrees."""
+  if len(parts) == 1:
+    return parts[0]
+  return jax.tree.map(
+      lambda *xs: (jnp if isinstance(xs[0], jax.Array) else np).concatenate(
+          xs), *parts)
+
+
 def chunks(data: Any, batch_size: int, num_examples: Optional[int],
            name: str) -> Iterator[tuple[Any, np.ndarray]]:
   """Yields ``(chunk, mask)``, each chunk padded to ``batch_size`` examples.
 
-  ``mask`` is a boolean NumPy array: True for real examples.
+  Rows are taken in order across the batches of ``data``: a chunk may join
+  the end of one batch to the start of the next, so that only the last
+  chunk is ever short, wherever the stream splits its batches (a
+  ``"batched"`` estimate then does not depend on it). ``mask`` is a boolean
+  NumPy array: True for real examples.
   """
-  batch_size = positive_int("batch_size", batch_size)
+  batch_size = validate.positive_int("batch_size", batch_size)
   remaining = num_examples
+  pending: list = []  # [batch, start, stop]: rows waiting for a chunk
+  held = 0
+
+  def emit(take):
+    nonlocal held
+    parts, need = [], take
+    while need:
+      batch, start, stop = pending[0]
+      k = min(need, stop - start)
+      parts.append(jax.tree.map(lambda x, s=start, k=k: x[s:s + k], batch))
+      need -= k
+      if start + k == stop:
+        pending.pop(0)
+      else:
+        pending[0][1] = start + k
+    held -= take
+    chunk = jax.tree.map(lambda x: pad_rows(x, batch_size), _concat(parts))
+    return chunk, np.arange(batch_size) < take
+
   for batch in batches(data, name):
     if remaining is not None and remaining <= 0:
-      return
+      break
     n = leading_size(batch, name)
-    for start in range(0, n, batch_size):
-      take = min(batch_size, n - start)
-      if remaining is not None:
-        take = min(take, remaining)
-      if take <= 0:
-        return
-      chunk = jax.tree.map(
-          lambda x, s=start, t=take: pad_rows(x[s:s + t], batch_size), batch)
-      mask = np.arange(batch_size) < take
-      yield chunk, mask
-      if remaining is not None:
-        remaining -= take
+    if remaining is not None:
+      n = min(n, remaining)
+      remaining -= n
+    if n == 0:
+      continue
+    pending.append([batch, 0, n])
+    held += n
+    while held >= batch_size:
+      yield emit(batch_size)
+  if held:
+    yield emit(held)
 
 
 def chunk_at(tree: Any, i, size: int, n: int) -> tuple[Any, jax.Array]:
@@ -216,33 +239,6 @@ def chunk_at(tree: Any, i, size: int, n: int) -> tuple[Any, jax.Array]:
   mask = idx < n
   idx = jnp.where(mask, idx, 0)
   return jax.tree.map(lambda x: jnp.take(x, idx, axis=0), tree), mask
-
-
-def check_label_shape(labels, name: str = "labels") -> None:
-  """Labels are one class index per example: a 1-D integer array."""
-  shape = jnp.shape(labels)
-  if len(shape) != 1:
-    hint = (" Flatten them with labels.reshape(-1)."
-            if len(shape) == 2 and shape[1] == 1 else "")
-    raise ValueError(
-        f"{name} must be a 1-D array of class indices [N]; got shape "
-        f"{tuple(shape)}.{hint}")
-  dtype = jnp.result_type(labels)
-  if not jnp.issubdtype(dtype, jnp.integer):
-    raise ValueError(f"{name} must be integers (class indices); got dtype "
-                     f"{dtype}.")
-
-
-def check_label_range(low, high, num_classes: int,
-                      name: str = "labels") -> None:
-  """Raises when the (concrete) label range leaves ``[0, num_classes)``."""
-  if not (tree_lib.is_concrete(low) and tree_lib.is_concrete(high)):
-    return
-  low, high = int(low), int(high)
-  if low < 0 or high >= num_classes:
-    raise ValueError(
-        f"{name} must lie in [0, {num_classes}) (the number of logits); got "
-        f"values in [{low}, {high}].")
 
 
 def data_axes(sharding: Any) -> tuple:

@@ -16,10 +16,12 @@ import jax.numpy as jnp
 import numpy as np
 import optax
 
-from ewc_jax._src import fisher
-from ewc_jax._src import hyperparams as hyper_lib
+from ewc_jax._src import empirical
+from ewc_jax._src import hyperparams
 from ewc_jax._src import transform
 from ewc_jax._src import tree as tree_lib
+from ewc_jax._src import validate
+from ewc_jax._src.estimators import EstimatorName
 
 # HF Trainer's defaults: Adam(W), learning rate 5e-5, no weight decay.
 DEFAULT_OPTIMIZER = optax.adam(5e-5)
@@ -55,11 +57,22 @@ def _size(data: Any, name: str) -> int:
   return leaves[0].shape[0]
 
 
-@functools.partial(jax.jit, static_argnums=(0, 1, 2), donate_argnums=(3, 4))
-def _steps(loss_fn, optimizer, mask, params, opt_state, lam, data, rows):
+@functools.lru_cache(maxsize=32)
+def chain(optimizer, mask=None) -> optax.GradientTransformation:
+  """``optax.chain(ewc(lam, mask=mask), optimizer)`` with lam injected.
+
+  The state holds lam (set it with ``ewc_jax.set_hyperparams``), and the
+  chain is one object per ``(optimizer, mask)``, so one compiled step
+  serves every lambda of a sweep.
+  """
+  ewc = optax.inject_hyperparams(transform.ewc,
+                                 static_args=("mode", "gamma", "mask"))
+  return optax.chain(ewc(lam=0.0, mask=mask), optimizer)
+
+
+@functools.partial(jax.jit, static_argnums=(0, 1), donate_argnums=(2, 3))
+def _steps(loss_fn, tx, params, opt_state, data, rows):
   """``rows.shape[0]`` steps of the EWC chain as one ``jax.lax.scan``."""
-  # Built around the traced lam: a lambda sweep compiles once.
-  tx = optax.chain(transform.ewc(lam, mask=mask), optimizer)
 
   def step(carry, idx):
     params, opt_state = carry
@@ -67,7 +80,7 @@ def _steps(loss_fn, optimizer, mask, params, opt_state, lam, data, rows):
     mean = lambda p: jnp.mean(jax.vmap(loss_fn, (None, 0))(p, batch).astype(
         jnp.float32))
     loss, grads = jax.value_and_grad(mean)(params)
-    pen = transform.penalty(params, opt_state, lam=lam)
+    pen = transform.penalty(params, opt_state)
     updates, opt_state = tx.update(grads, opt_state, params)
     return (optax.apply_updates(params, updates), opt_state), (loss, pen)
 
@@ -84,7 +97,7 @@ def continual_fine_tune(
     optimizer: optax.GradientTransformation = DEFAULT_OPTIMIZER,
     num_steps: Optional[int] = None,
     batch_size: int = 32,
-    estimator: str = "empirical",
+    estimator: EstimatorName = "empirical",
     fisher_batch_size: int = 64,
     fisher_examples: Optional[int] = None,
     importance: Any = None,
@@ -161,21 +174,18 @@ def continual_fine_tune(
   """
   if mask is not None and not callable(mask):
     mask = functools.partial(lambda tree, _: tree, mask)  # a static argument
-  tx = optax.chain(transform.ewc(lam, mask=mask), optimizer)  # checks lam
-  if estimator not in ("empirical", "batched"):
-    raise ValueError(f"estimator must be 'empirical' or 'batched', got "
-                     f"{estimator!r}.")
+  validate.check_lam(lam)
+  tx = chain(optimizer, mask)
+  validate.choice("estimator", estimator, empirical.LOSS_ESTIMATORS)
   n = _size(new_data, "new_data")
   tree_lib.check_finite("new_data", new_data,
                         hint="Fix the data before training on it.")
   if rng is not None:
-    hyper_lib.check_key("rng", rng)
+    validate.check_key("rng", rng)
   for name, value in (("batch_size", batch_size), ("num_steps", num_steps),
                       ("fisher_batch_size", fisher_batch_size),
                       ("fisher_examples", fisher_examples)):
-    if value is not None and (isinstance(value, bool) or not isinstance(
-        value, (int, np.integer)) or value < 1):
-      raise ValueError(f"{name} must be a positive int, got {value!r}.")
+    validate.positive_int(name, value, optional=True)
   if batch_size > n:
     raise ValueError(f"batch_size ({batch_size}) exceeds the {n} examples "
                      "of new_data.")
@@ -185,7 +195,7 @@ def continual_fine_tune(
       raise ValueError("old_data is None: pass the old data, a precomputed "
                        "importance=..., or lam=0 for plain fine-tuning.")
     try:
-      importance = fisher.empirical_fisher(
+      importance = empirical.empirical_fisher(
           loss_fn, params, old_data, estimator=estimator,
           batch_size=fisher_batch_size, num_examples=fisher_examples)
     except ValueError as e:
@@ -194,9 +204,11 @@ def continual_fine_tune(
     opt_state = tx.init(params)
   elif (jax.tree.structure(opt_state)
         != jax.tree.structure(jax.eval_shape(tx.init, params))):
-    raise ValueError("opt_state is not a state of optax.chain(ewc_jax.ewc("
-                     "lam, mask=mask), optimizer) for these params; pass a "
-                     "previous result's opt_state with the same optimizer.")
+    raise ValueError("opt_state is not a state of continual_fine_tune's "
+                     "chain (ewc_jax.ewc(lam, mask=mask) with lam injected, "
+                     "then optimizer) for these params; pass a previous "
+                     "result's opt_state with the same optimizer.")
+  opt_state = hyperparams.set_hyperparams(opt_state, lam=lam)
   if float(lam) > 0.0:
     opt_state = transform.consolidate(opt_state, params, importance)
   key = rng if rng is not None else jax.random.key(0)
@@ -208,8 +220,7 @@ def continual_fine_tune(
       -1, batch_size) for _ in range(-(-num_steps // (n // batch_size)))])
   copy = lambda t: jax.tree.map(lambda x: jnp.array(x, copy=True), t)
   (params, opt_state), (losses, pens) = _steps(
-      loss_fn, optimizer, mask, copy(params), copy(opt_state),
-      jnp.asarray(lam, jnp.float32), jax.device_put(new_data),
+      loss_fn, tx, copy(params), copy(opt_state), jax.device_put(new_data),
       jnp.asarray(rows[:num_steps]))
   losses = np.asarray(losses)
   bad = np.flatnonzero(~np.isfinite(losses))

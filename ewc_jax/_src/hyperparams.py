@@ -1,121 +1,106 @@
-"""Validation of scalar arguments: lam, gamma, SI's xi and PRNG keys."""
+"""Setting lam and gamma in an optimiser state: one way, without retracing."""
 
-import numbers
-from typing import Any
+from typing import Any, Optional
 
 import jax
 import jax.numpy as jnp
-import numpy as np
 
+from ewc_jax._src import states as states_lib
 from ewc_jax._src import tree as tree_lib
+from ewc_jax._src import validate
+from ewc_jax._src.kfac.state import KFACEWCState
+from ewc_jax._src.transform import EWCState
+
+_PULLS = (EWCState, KFACEWCState)
+# Where each state keeps its decay: both names, so that tree_get/tree_set
+# stay unambiguous in a chain that holds both.
+_GAMMA_FIELD = {EWCState: "gamma", KFACEWCState: "kfac_gamma"}
 
 
-def _is_array(x: Any) -> bool:
-  return isinstance(x, (jax.Array, np.ndarray, np.generic))
+def _holds_pull(tree) -> bool:
+  return bool(tree_lib.find(tree, EWCState) or tree_lib.find(
+      tree, KFACEWCState))
 
 
-def check_lam(lam: Any, transform: str = "ewc_jax.ewc",
-              static_args: str = "('mode',)") -> None:
-  """Raises a clear error unless ``lam`` is a finite real scalar >= 0.
-
-  Traced values (inside ``jax.jit``, or injected by
-  ``optax.inject_hyperparams``) are checked for dtype and shape only.
-
-  Args:
-    lam: the value to check.
-    transform: the transformation named in the schedule hint.
-    static_args: its ``static_args`` for ``optax.inject_hyperparams``.
-
-  Raises:
-    TypeError: ``lam`` is not a real number or real scalar array.
-    ValueError: ``lam`` is negative, nan, inf or not a scalar.
-  """
-  if callable(lam) and not _is_array(lam):
-    raise TypeError(
-        "lam must be a number >= 0, got a callable; for a schedule use "
-        f"optax.inject_hyperparams({transform}, static_args={static_args})"
-        "(lam=schedule).")
-  is_number = isinstance(lam, numbers.Real) and not isinstance(lam, bool)
-  is_real_array = ((_is_array(lam) or isinstance(lam, jax.core.Tracer))
-                   and (jnp.issubdtype(lam.dtype, jnp.floating)
-                        or jnp.issubdtype(lam.dtype, jnp.integer)))
-  if not (is_number or is_real_array):
-    raise TypeError(
-        f"lam must be a number >= 0 (float, int or a real scalar array), "
-        f"got {lam!r} of type {type(lam).__name__}.")
-  if jnp.ndim(lam) != 0:
-    raise ValueError(f"lam must be a scalar, got shape {jnp.shape(lam)}.")
-  if tree_lib.is_concrete(lam):
-    value = float(np.asarray(lam))
-    if not np.isfinite(value) or value < 0:
-      raise ValueError(f"lam must be a finite number >= 0, got {value}.")
+def _like(old, new):
+  """``new`` as an array of ``old``'s dtype and shape (no retrace)."""
+  old_value = tree_lib.value(old)
+  return tree_lib.rewrap(old, jnp.broadcast_to(
+      jnp.asarray(new, jnp.result_type(old_value)), jnp.shape(old_value)))
 
 
-def check_gamma(gamma: Any, field: str = "EWCState.gamma",
-                static_args: str = "('mode', 'gamma')") -> float:
-  """``gamma`` (None: 1) as a float, or a clear error.
+def set_hyperparams(opt_state: Any, *, lam: Optional[Any] = None,
+                    gamma: Optional[Any] = None) -> Any:
+  """Sets the EWC strength and decay in ``opt_state``, for every pull in it.
+
+  ``lam`` is an update hyperparameter: it lives where
+  ``optax.inject_hyperparams`` keeps it, around :func:`ewc_jax.ewc` or
+  :func:`ewc_jax.kfac_ewc`. ``gamma`` is consolidation data: it lives in the
+  states themselves (``EWCState.gamma``, ``KFACEWCState.kfac_gamma``). This
+  helper knows both places; the values keep their dtype and shape, so a
+  jitted step taking ``opt_state`` is not retraced, and a stacked state (a
+  vmapped sweep, one member per row) takes one value per member.
+
+  Example:
+    >>> import jax.numpy as jnp, optax, ewc_jax
+    >>> ewc = optax.inject_hyperparams(ewc_jax.ewc,
+    ...                                static_args=("mode", "gamma"))
+    >>> opt = optax.chain(ewc(lam=1.0, mode="online"), optax.sgd(0.1))
+    >>> state = opt.init({'w': jnp.zeros(2)})
+    >>> state = ewc_jax.set_hyperparams(state, lam=30.0, gamma=0.9)
+    >>> float(optax.tree_utils.tree_get(state, "lam"))
+    30.0
 
   Args:
-    gamma: the value to check.
-    field: the state field that holds it (named in the array hint).
-    static_args: the ``static_args`` that hint suggests.
+    opt_state: an optimiser state holding ewc/kfac_ewc states.
+    lam: the new strength (>= 0), or ``None`` to keep it.
+    gamma: the new online decay (in [0, 1]), or ``None`` to keep it.
+
+  Returns:
+    ``opt_state`` with the values replaced.
 
   Raises:
-    TypeError: ``gamma`` is an array (say injected by
-      ``optax.inject_hyperparams``) or not a number.
-    ValueError: ``gamma`` is outside (0, 1].
+    ValueError: no pull in ``opt_state``; ``lam`` given but no
+      ``inject_hyperparams`` around a pull holds one (a constant
+      ``ewc(lam)`` cannot be changed: rebuild it injectable); bad values.
   """
-  if gamma is None:
-    return 1.0
-  if _is_array(gamma) or isinstance(gamma, jax.core.Tracer):
-    name = field.rsplit(".", 1)[-1]
-    raise TypeError(
-        "gamma arrived as an array: it is consolidation data kept in "
-        f"{field}, not an update hyperparameter. With "
-        "optax.inject_hyperparams list it as static (static_args="
-        f"{static_args}); to change it later use "
-        f"optax.tree_utils.tree_set(opt_state, {name}=...).")
-  if isinstance(gamma, bool) or not isinstance(gamma, numbers.Real):
-    raise TypeError(f"gamma must be a number in (0, 1], got {gamma!r}.")
-  if not 0.0 < float(gamma) <= 1.0:
-    raise ValueError(f"gamma must be a number in (0, 1], got {gamma!r}.")
-  return float(gamma)
+  if not _holds_pull(opt_state):
+    raise ValueError("set_hyperparams found no ewc_jax.ewc or kfac_ewc state "
+                     "in opt_state.")
+  if lam is not None:
+    if jnp.ndim(lam) == 0:
+      validate.check_lam(lam)
+    opt_state = _set_lam(opt_state, lam)
+  if gamma is not None:
+    if tree_lib.is_concrete(gamma) and not bool(jnp.all(
+        validate.gamma_ok(jnp.asarray(gamma, jnp.float32)))):
+      raise ValueError(f"gamma must be in [0, 1], got {gamma!r}.")
+    for cls, field in _GAMMA_FIELD.items():
+      opt_state = states_lib.replace_states(
+          opt_state, cls,
+          lambda s, f=field: s._replace(**{f: _like(getattr(s, f), gamma)}))
+  return opt_state
 
 
-def check_xi(xi: Any) -> None:
-  """Raises a clear error unless ``xi`` is a finite real number > 0.
+def _set_lam(opt_state, lam):
+  found = [False]
+  inject = states_lib.INJECT_STATES
 
-  Traced values are checked for dtype and shape only.
-  """
-  is_number = isinstance(xi, numbers.Real) and not isinstance(xi, bool)
-  is_real_array = ((_is_array(xi) or isinstance(xi, jax.core.Tracer))
-                   and jnp.ndim(xi) == 0
-                   and jnp.issubdtype(xi.dtype, jnp.floating))
-  if not (is_number or is_real_array):
-    raise ValueError(f"xi must be a number > 0, got {xi!r}.")
-  if tree_lib.is_concrete(xi):
-    value = float(np.asarray(xi))
-    if not (np.isfinite(value) and value > 0):
-      raise ValueError(f"xi must be a finite number > 0, got {value}.")
+  def visit(node):
+    if not isinstance(node, inject) or "lam" not in node.hyperparams or (
+        not _holds_pull(node.inner_state)):
+      return node
+    found[0] = True
+    hyper = dict(node.hyperparams)
+    hyper["lam"] = _like(hyper["lam"], lam)
+    return node._replace(hyperparams=hyper)
 
-
-def check_key(name: str, key: Any) -> None:
-  """Raises a clear error unless ``key`` is ONE ``jax.random`` key.
-
-  Accepts a typed key (``jax.random.key(0)``) or a raw ``uint32`` key
-  (``jax.random.PRNGKey(0)``); refuses ints and batches of keys.
-  """
-  dtype = getattr(key, "dtype", None)
-  if dtype is None or not hasattr(key, "shape"):
+  out = jax.tree.map(visit, opt_state,
+                     is_leaf=lambda x: isinstance(x, inject))
+  if not found[0]:
     raise ValueError(
-        f"{name} must be one jax.random key, e.g. jax.random.key(0); got "
-        f"{type(key).__name__} {key!r}.")
-  if jnp.issubdtype(dtype, jax.dtypes.prng_key):
-    ok = key.shape == ()
-  else:
-    ok = dtype == jnp.uint32 and len(key.shape) == 1
-  if not ok:
-    raise ValueError(
-        f"{name} must be one jax.random key, e.g. jax.random.key(0); got an "
-        f"array of dtype {dtype} and shape {tuple(key.shape)} (split keys "
-        "are a batch: pass one of them).")
+        "set_hyperparams(lam=...) found no injected lam: ewc_jax.ewc(lam) "
+        "keeps lam as a constant of the transformation. Build it with "
+        "optax.inject_hyperparams(ewc_jax.ewc, static_args=('mode', "
+        "'gamma'))(lam=...) (kfac_ewc: static_args=('gamma', 'max_tasks')).")
+  return out

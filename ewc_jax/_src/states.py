@@ -27,6 +27,20 @@ def no_params_message(name: str) -> str:
           "`optimizer.update(grads, opt_state, params)`; params was None.")
 
 
+def check_params(params: Any, name: str = "params") -> None:
+  """Refuses an ``optax.LookaheadParams`` where one tree is needed.
+
+  Under ``optax.lookahead`` the EWC state regularises the fast parameters
+  (those the inner optimiser updates): consolidate with ``.fast`` (or
+  ``.slow``, the synchronised ones), and the Fisher at the same.
+  """
+  if isinstance(params, optax.LookaheadParams):
+    raise ValueError(
+        f"{name} is an optax.LookaheadParams: pass .fast (the parameters "
+        "the EWC pull acts on under optax.lookahead) or .slow (the "
+        "synchronised ones), with the Fisher taken at the same.")
+
+
 def check_mode_and_gamma(mode: Any, modes: tuple, gamma: Any, field: str,
                          static_args: str) -> float:
   """Checks a transformation's mode and initial gamma; the gamma as float."""

@@ -12,7 +12,7 @@ from ewc_jax._src import tree as tree_lib
 from ewc_jax._src import validate
 from ewc_jax._src.types import MODE_NAMES
 from ewc_jax._src.types import Mode
-from ewc_jax._src.types import StaticStr
+from ewc_jax._src.types import mode_tag
 
 MODES = MODE_NAMES
 _STATIC_ARGS = "('mode', 'gamma')"
@@ -49,7 +49,9 @@ class EWCState(NamedTuple):
       parameter value can remove (zero in online mode).
     gamma: scalar float32, online mode's decay of the old Fisher.
     num_tasks: scalar int32, how many tasks have been consolidated.
-    mode: ``"separate"`` or ``"online"``, a :class:`StaticStr`.
+    mode: ``"separate"`` or ``"online"``: a leafless tag that equals the
+      string (static: part of the state's structure, kept by every pytree
+      serialiser, ``flax.serialization`` and orbax included).
   """
 
   curvature: Any
@@ -57,7 +59,7 @@ class EWCState(NamedTuple):
   residual: jax.Array
   gamma: jax.Array
   num_tasks: jax.Array
-  mode: StaticStr
+  mode: Any
 
 
 def ewc(
@@ -151,7 +153,7 @@ def ewc(
         residual=jnp.zeros([], jnp.float32),
         gamma=jnp.asarray(gamma0, jnp.float32),
         num_tasks=jnp.zeros([], jnp.int32),
-        mode=StaticStr(mode),
+        mode=mode_tag(mode),
     )
 
   def update_fn(updates, state, params=None, **extra_args):
@@ -265,6 +267,7 @@ def consolidate(opt_state: Any, params: Any, fisher: Any) -> Any:
         "consolidate found no ewc_jax.ewc state in opt_state; build the "
         "optimiser with ewc_jax.ewc(...) (e.g. optax.chain(ewc_jax.ewc(lam), "
         "optax.adam(lr))).")
+  states_lib.check_params(params)
   tree_lib.check_same_structure("params", params, "fisher", fisher)
   tree_lib.check_floating("params", params)
   tree_lib.check_floating("fisher", fisher)
@@ -312,6 +315,7 @@ def penalty(params: Any, opt_state: Any, lam: Any = None) -> jax.Array:
   found = states_lib.with_lam(opt_state, EWCState)
   if not found:
     raise ValueError("penalty found no ewc_jax.ewc state in opt_state.")
+  states_lib.check_params(params)
   if lam is not None:
     validate.check_lam(lam)
   total = jnp.zeros([], jnp.float32)

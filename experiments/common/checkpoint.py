@@ -22,11 +22,24 @@ a damaged checkpoint raises :class:`CheckpointDamaged` (one line, never an
 orbax traceback), so that a caller can fall back to an older step; keep two
 (``max_to_keep=2``) to have one. A failed write (a full disk, a read-only
 directory) raises :class:`CheckpointWriteError`, an ``OSError``.
+
+Quiet failures. orbax reports a failed read or write from its background
+threads too: absl error logs with tracebacks, and, once it has closed its
+event loop, tensorstore callbacks that fail with ``RuntimeError: Event loop
+is closed`` (printed by Python as unraisable exceptions, tens of them on a
+full disk). Both only repeat what the one-line error says, so while
+checkpoints are in use (from the first :class:`RunCheckpoints` on) orbax's
+absl records and those unraisable errors are dropped
+(:func:`silence_orbax_failures`); every other log and unraisable exception
+goes through as before.
 """
 
 import contextlib
+import errno
 import logging
+import os
 import pathlib
+import sys
 from typing import Any, Iterator, Optional
 
 import jax
@@ -58,9 +71,66 @@ def quiet_orbax() -> Iterator[None]:
     absl.setLevel(level)
 
 
+_ORBAX_DIR = os.path.dirname(ocp.__file__)
+
+
+class _DropOrbax(logging.Filter):
+  """Drops the absl records that orbax's own code logs."""
+
+  def filter(self, record: logging.LogRecord) -> bool:
+    return not record.pathname.startswith(_ORBAX_DIR)
+
+
+_DROP_ORBAX = _DropOrbax()
+
+
+def _closed_loop(unraisable: Any) -> bool:
+  value = unraisable.exc_value
+  return (isinstance(value, RuntimeError)
+          and str(value) == "Event loop is closed")
+
+
+def silence_orbax_failures() -> None:
+  """Drops orbax's absl records and its closed-loop unraisable errors.
+
+  Idempotent; the hook is installed again if something replaced it (a
+  test runner does, per test). Other unraisable exceptions reach the
+  previous hook.
+  """
+  absl = logging.getLogger("absl")
+  if _DROP_ORBAX not in absl.filters:
+    absl.addFilter(_DROP_ORBAX)
+  previous = sys.unraisablehook
+  if getattr(previous, "_drops_closed_loop", False):
+    return
+
+  def hook(unraisable: Any) -> None:
+    if not _closed_loop(unraisable):
+      previous(unraisable)
+
+  hook._drops_closed_loop = True  # type: ignore[attr-defined]
+  sys.unraisablehook = hook
+
+
+# Words for the OS errors a write meets, instead of orbax's page of text.
+_WRITE_ERRORS = (("RESOURCE_EXHAUSTED", errno.ENOSPC),
+                 ("No space left", errno.ENOSPC),
+                 ("File too large", errno.EFBIG),
+                 ("Read-only file system", errno.EROFS),
+                 ("Permission denied", errno.EACCES))
+
+
 def _brief(error: BaseException) -> str:
-  """The first line of an error, with its type: orbax's run to pages."""
-  lines = str(error).strip().splitlines()
+  """The first line of an error, with its type: orbax's run to pages.
+
+  A failed write whose cause is a full disk, a file size limit, a
+  read-only file system or a permission is named in the OS's words.
+  """
+  text = str(error)
+  for marker, code in _WRITE_ERRORS:
+    if marker in text:
+      return f"{os.strerror(code)} [errno {code}]"
+  lines = text.strip().splitlines()
   return f"{type(error).__name__}: {lines[0][:200] if lines else ''}"
 
 
@@ -108,6 +178,7 @@ class RunCheckpoints:
         while they are written.
     """
     self.directory = pathlib.Path(directory).absolute()
+    silence_orbax_failures()
     with quiet_orbax():  # it reads every step's metadata, damaged or not
       self._manager = ocp.CheckpointManager(
           self.directory,

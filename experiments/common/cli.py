@@ -4,17 +4,98 @@ The experiments report through :mod:`logging` (logger names under
 ``experiments``); only a command line installs a handler
 (:func:`logging_to_stdout`), so a library user or a notebook decides what is
 shown.
+
+A closed standard output (the reader of a pipe ended, as in ``... | head
+-1``) stops the command: the handler raises :class:`OutputClosed` from the
+logging call, the run unwinds as after Ctrl-C (checkpoints finished,
+resumable), and the command says so in one line on stderr, never with
+logging's "--- Logging error ---" tracebacks.
 """
 
 import contextlib
 import dataclasses
+import io
 import logging
 import pathlib
 import sys
 import typing
 from typing import Any, Iterator, Optional, Sequence
 
+import tyro
+
 from experiments.common import tracking
+from experiments.common.entry import OutputClosed  # noqa: F401 (re-exported)
+
+
+class _Handler(logging.StreamHandler):
+  """A stream handler that stops the command on a closed pipe."""
+
+  def handleError(self, record: logging.LogRecord) -> None:
+    if isinstance(sys.exc_info()[1], BrokenPipeError):
+      raise OutputClosed("standard output was closed") from None
+    super().handleError(record)
+
+
+def print_out(text: str) -> None:
+  """Prints ``text`` on stdout; a closed pipe raises :class:`OutputClosed`."""
+  try:
+    print(text, flush=True)
+  except BrokenPipeError:
+    raise OutputClosed("standard output was closed") from None
+
+
+def tyro_cli(cls: Any, *, prog: str, **kwargs: Any) -> Any:
+  """``tyro.cli(cls, prog=prog, **kwargs)`` whose errors are one line.
+
+  tyro draws a bad flag's error in a box of several lines (the message,
+  the flag's help, a pointer to ``--help``); that is turned into one line
+  on stderr, ``PROG: error: <message>`` (the flag's help stays in
+  ``--help``), and ``SystemExit(2)`` as before. ``--help`` itself is
+  unchanged.
+  """
+  captured = io.StringIO()
+  try:
+    with contextlib.redirect_stderr(captured):
+      return tyro.cli(cls, prog=prog, **kwargs)
+  except SystemExit as e:
+    text = captured.getvalue()
+    if e.code not in (0, None) and text.strip():
+      print(f"{prog}: error: {tyro_message(text)}", file=sys.stderr)
+    else:
+      sys.stderr.write(text)
+    raise
+
+
+def tyro_message(text: str) -> str:
+  """The message of a tyro error, as one line.
+
+  tyro (rich) draws it in a box on a terminal, ``title`` in the top edge,
+  and without a frame elsewhere (a title line, then the blocks between
+  rules); either way the blocks are the message, the flag's help and a
+  pointer to ``--help``: the message is kept.
+  """
+  blocks, block, framed = [], [], False
+  for raw in text.splitlines():
+    line = raw.strip()
+    if line[:1] in ("\u256d", "\u2570", "+"):  # a box's top or bottom
+      framed = True
+      continue
+    if line[:1] in ("\u2502", "|"):
+      line = line[1:]
+    if line[-1:] in ("\u2502", "|"):
+      line = line[:-1]
+    line = line.strip()
+    if line and set(line) <= {"\u2500", "-"}:  # a rule between blocks
+      blocks.append(block)
+      block = []
+    elif line:
+      block.append(line)
+  blocks = [b for b in blocks + [block] if b]
+  if not framed and len(blocks) > 1 and len(blocks[0]) == 1:
+    blocks = blocks[1:]  # the title line of an unframed error
+  message = " ".join(blocks[0]) if blocks else text
+  return " ".join(message.split())
+
 
 @contextlib.contextmanager
 def logging_to_stdout(quiet: bool = False,
@@ -30,7 +111,7 @@ def logging_to_stdout(quiet: bool = False,
     verbose: debug messages too.
   """
   logger = logging.getLogger("experiments")
-  handler = logging.StreamHandler(sys.stdout)
+  handler = _Handler(sys.stdout)
   handler.setFormatter(logging.Formatter("%(message)s"))
   saved = logger.level, logger.propagate
   logger.addHandler(handler)
@@ -86,7 +167,8 @@ class OutputFlags:
   """Flags every experiment shares: messages and live metrics.
 
   Attributes:
-    quiet: only warnings and errors.
+    quiet: print the results and errors only (no progress bars, no
+      messages but warnings).
     verbose: debug messages too.
     logdir: write live TensorBoard event files here, one subdirectory per
       run (``tensorboard --logdir DIR`` shows them).
@@ -105,8 +187,12 @@ class OutputFlags:
 
     Raises:
       ImportError: ``--wandb`` without ``wandb``.
-      ValueError: ``--logdir`` names a file (or a path under one).
+      ValueError: ``--quiet`` with ``--verbose``; ``--logdir`` names a file
+        (or a path under one).
     """
+    if self.quiet and self.verbose:
+      raise ValueError("--quiet and --verbose exclude each other: give one "
+                       "of them.")
     if self.wandb:
       tracking.import_wandb()
     if self.logdir is not None:

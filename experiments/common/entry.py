@@ -12,6 +12,12 @@ import threading
 from typing import NoReturn
 
 
+class OutputClosed(Exception):
+  """Standard output was closed while the command wrote to it (a pipe
+  whose reader ended, e.g. ``| head -1``); raised by the experiments'
+  logging handler (:mod:`experiments.common.cli`)."""
+
+
 def _redeliver_swallowed_interrupts() -> None:
   """A Ctrl-C that lands in a callback whose exceptions Python cannot raise
   (a garbage-collection or weakref callback, a ``__del__``: JAX and the
@@ -28,6 +34,22 @@ def _redeliver_swallowed_interrupts() -> None:
   sys.unraisablehook = hook
 
 
+def _stdout_closed() -> bool:
+  """Flushes stdout; when its reader has gone (``| head``), points it at
+  ``os.devnull`` so that the interpreter's own final flush stays silent
+  (no "Exception ignored ... BrokenPipeError"), and says so."""
+  try:
+    sys.stdout.flush()
+    return False
+  except BrokenPipeError:
+    devnull = os.open(os.devnull, os.O_WRONLY)
+    os.dup2(devnull, sys.stdout.fileno())
+    os.close(devnull)
+    return True
+  except (OSError, ValueError):  # closed or not a file: nothing to flush
+    return False
+
+
 def run(module: str, prog: str) -> NoReturn:
   """Imports ``module`` and exits with the status of its ``main()``.
 
@@ -40,7 +62,9 @@ def run(module: str, prog: str) -> NoReturn:
   normal interpreter teardown can crash (SIGSEGV) when the interrupt came
   while XLA was compiling in a background thread, which outlives the Python
   objects it uses. Every file of the run is written (atomically) before
-  ``main`` returns.
+  ``main`` returns. A closed stdout (``| head -1``) ends quietly too: ``main``
+  reports it and returns 141 (a shell's status for SIGPIPE), and output
+  still buffered for the closed pipe is dropped without a traceback.
 
   Args:
     module: the module that holds ``main() -> int``.
@@ -57,14 +81,23 @@ def run(module: str, prog: str) -> NoReturn:
     finally:
       if mask is not None:
         mask(signal.SIG_UNBLOCK, {signal.SIGINT})  # a pending one: raised
-    status = main()
+    try:
+      status = main()
+    except SystemExit as e:  # --help, or bad flags (2)
+      if isinstance(e.code, str):
+        print(e.code, file=sys.stderr)
+      status = e.code if isinstance(e.code, int) else int(e.code is not None)
   except KeyboardInterrupt:
     print(f"{prog}: interrupted", file=sys.stderr)
     status = 130
-  if status == 130:
+  except OutputClosed:  # a command that does not report it itself
+    print(f"{prog}: standard output was closed: stopped", file=sys.stderr)
+    status = 141
+  _stdout_closed()
+  if status in (130, 141):
     sys.stdout.flush()
     sys.stderr.flush()
-    os._exit(130)
+    os._exit(status)
   # The work is done: a Ctrl-C during the interpreter's teardown would only
   # replace the real status with death by SIGINT.
   signal.signal(signal.SIGINT, signal.SIG_IGN)

@@ -8,11 +8,14 @@ A tracker takes named scalars at a step; the experiments send one per run
   maintained writer that needs no TensorFlow).
 * :class:`WandB` logs to a ``wandb`` run; ``wandb`` is imported only when
   asked for (:func:`import_wandb` says clearly when it is missing).
-* :func:`read_scalars` reads event files back (the TFRecord framing with
-  its CRCs, and tensorboardX's protobuf classes), for tests and notebooks.
+* :func:`read_scalars` reads event files back as TensorBoard shows them
+  (tensorboard's own ``EventAccumulator``, which applies a resumed run's
+  purge step), for tests and notebooks.
 
 Trackers only see values already on the host: logging never adds a device
-synchronisation.
+synchronisation. :meth:`Trackers.flush` puts what was logged on disk; a
+resumable run calls it before each checkpoint, so that a run killed later
+loses none of the points its checkpoint has passed.
 
 Example:
   >>> import tempfile
@@ -24,13 +27,18 @@ Example:
 """
 
 import importlib
+import itertools
+import os
 import pathlib
-import struct
 from typing import Any, Mapping, Optional, Sequence
 
 # The x axes a scalar can be logged against (W&B keeps one per prefix;
 # TensorBoard has one step per event).
 AXES = ("step", "task")
+# Makes every event file name unique: tensorboardX names a file by the second
+# and host alone, so a second writer opened in the same second would
+# overwrite the first one's file.
+_WRITERS = itertools.count()
 
 
 def _check(values: Mapping[str, Any], step: int, axis: str) -> None:
@@ -62,15 +70,28 @@ class TensorBoard:
           "tensorboardX); it is not installed.") from None
     self.logdir = pathlib.Path(logdir)
     self.logdir.mkdir(parents=True, exist_ok=True)
-    self._writer = SummaryWriter(logdir=str(self.logdir),
-                                 purge_step=purge_step, flush_secs=10)
+    self._writer = SummaryWriter(
+        logdir=str(self.logdir), purge_step=purge_step, flush_secs=10,
+        filename_suffix=f".{os.getpid()}.{next(_WRITERS)}")
 
   def scalars(self, values: Mapping[str, float], step: int,
-              axis: str = "step") -> None:
-    """Writes each scalar at ``step`` (``axis`` is for W&B only)."""
+              axis: str = "step", *,
+              global_step: Optional[int] = None) -> None:
+    """Writes each scalar at ``global_step`` if given, else at ``step``.
+
+    TensorBoard has one step axis per run, to which a resumed run's purge
+    step applies: values of another ``axis`` (``task``) are written at
+    their ``global_step`` (the optimiser step), so that a purge covers
+    them too.
+    """
     _check(values, step, axis)
+    at = int(step if global_step is None else global_step)
     for tag, value in values.items():
-      self._writer.add_scalar(tag, float(value), global_step=int(step))
+      self._writer.add_scalar(tag, float(value), global_step=at)
+
+  def flush(self) -> None:
+    """Writes every pending event to disk."""
+    self._writer.flush()
 
   def close(self) -> None:
     self._writer.close()
@@ -111,7 +132,11 @@ class WandB:
     self._defined: set[str] = set()
 
   def scalars(self, values: Mapping[str, float], step: int,
-              axis: str = "step") -> None:
+              axis: str = "step", *,
+              global_step: Optional[int] = None) -> None:
+    """Logs ``values`` against ``axis`` at ``step`` (``global_step`` is
+    TensorBoard's alone)."""
+    del global_step
     _check(values, step, axis)
     for prefix in sorted({tag.split("/")[0] for tag in values}):
       if prefix not in self._defined:
@@ -120,6 +145,9 @@ class WandB:
         self._defined.add(prefix)
     self._run.log({**{k: float(v) for k, v in values.items()},
                    axis: int(step)})
+
+  def flush(self) -> None:
+    """Nothing to do: wandb sends what it is given on its own."""
 
   def close(self) -> None:
     self._run.finish()
@@ -132,9 +160,15 @@ class Trackers:
     self.trackers = list(trackers)
 
   def scalars(self, values: Mapping[str, float], step: int,
-              axis: str = "step") -> None:
+              axis: str = "step", *,
+              global_step: Optional[int] = None) -> None:
     for tracker in self.trackers:
-      tracker.scalars(values, step, axis)
+      tracker.scalars(values, step, axis, global_step=global_step)
+
+  def flush(self) -> None:
+    """Puts everything logged so far on disk (before a checkpoint)."""
+    for tracker in self.trackers:
+      tracker.flush()
 
   def close(self) -> None:
     for tracker in self.trackers:
@@ -176,60 +210,37 @@ def open_trackers(name: str, *, logdir: Any = None,
   return Trackers(trackers)
 
 
-def _records(data: bytes, path: Any):
-  """The records of a TFRecord file, their CRCs checked."""
-  from tensorboardX.crc32c import crc32c  # noqa: PLC0415
-
-  def masked(x: bytes) -> int:
-    crc = crc32c(x)
-    return (((crc >> 15) | (crc << 17)) + 0xA282EAD8) & 0xFFFFFFFF
-
-  at = 0
-  while at < len(data):
-    header = data[at:at + 8]
-    length = struct.unpack("<Q", header)[0] if len(header) == 8 else -1
-    end = at + 16 + length
-    if length < 0 or end > len(data):
-      raise ValueError(f"{path}: truncated record at byte {at}.")
-    body = data[at + 12:end - 4]
-    head_crc, body_crc = (struct.unpack("<I", data[i:i + 4])[0]
-                          for i in (at + 8, end - 4))
-    if head_crc != masked(header) or body_crc != masked(body):
-      raise ValueError(f"{path}: corrupt record at byte {at}.")
-    yield body
-    at = end
-
-
 def read_scalars(logdir: Any) -> dict[str, list[tuple[int, float]]]:
-  """Every scalar in the event files of ``logdir`` (not its subdirectories).
+  """Every scalar in the event files of ``logdir`` (not its subdirectories),
+  as TensorBoard shows them.
+
+  Read with tensorboard's ``EventAccumulator`` (the ``tensorboard``
+  package, no TensorFlow needed): a session start at step ``s`` (a resumed
+  run's purge step) drops every value logged earlier at step ``s`` or
+  later, as in TensorBoard's own display.
 
   Args:
     logdir: one run's directory.
 
   Returns:
     ``{tag: [(step, value), ...]}`` in the order written (files by name).
-    As in TensorBoard, a session start at step ``s`` (a resumed run's
-    purge step) drops every value logged earlier at step ``s`` or later.
 
   Raises:
     FileNotFoundError: no event file in ``logdir``.
-    ValueError: a truncated or corrupt record (the file is named).
+    ImportError: ``tensorboard`` is not installed (one line).
   """
-  from tensorboardX.proto import event_pb2  # noqa: PLC0415
-
-  files = sorted(pathlib.Path(logdir).glob("events.out.tfevents.*"))
-  if not files:
+  try:
+    from tensorboard.backend.event_processing import (  # noqa: PLC0415
+        event_accumulator)
+  except ImportError:
+    raise ImportError(
+        "read_scalars needs the tensorboard package (pip install "
+        "tensorboard); it is not installed.") from None
+  if not any(pathlib.Path(logdir).glob("events.out.tfevents.*")):
     raise FileNotFoundError(f"no event files in {logdir}.")
-  out: dict[str, list[tuple[int, float]]] = {}
-  for path in files:
-    for record in _records(path.read_bytes(), path):
-      event = event_pb2.Event.FromString(record)
-      if (event.HasField("session_log") and event.session_log.status
-          == event_pb2.SessionLog.START):
-        out = {tag: [(s, v) for s, v in values if s < event.step]
-               for tag, values in out.items()}
-      for value in event.summary.value:
-        if value.HasField("simple_value"):
-          out.setdefault(value.tag, []).append(
-              (int(event.step), float(value.simple_value)))
-  return out
+  accumulator = event_accumulator.EventAccumulator(
+      str(logdir), size_guidance={event_accumulator.SCALARS: 0})
+  accumulator.Reload()
+  return {tag: [(int(e.step), float(e.value))
+                for e in accumulator.Scalars(tag)]
+          for tag in accumulator.Tags()["scalars"]}

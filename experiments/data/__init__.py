@@ -26,7 +26,7 @@ naming the file or directory and what to do; `check_source` raises the same
 errors cheaply, before a run starts.
 """
 
-import sys
+import logging
 
 from experiments.data.dataset import IMAGE_SHAPE  # noqa: F401 (re-exported)
 from experiments.data.dataset import DataError
@@ -44,6 +44,8 @@ from experiments.data.tfds_source import check_tfds
 from experiments.data.tfds_source import import_tfds
 from experiments.data.tfds_source import load_tfds
 from experiments.data.tfds_source import network_reachable  # noqa: F401 (re-exported)
+
+logger = logging.getLogger(__name__)
 
 DATASET_NAMES = (
   "auto",
@@ -106,8 +108,8 @@ def load_dataset(name: str = "auto", data_dir=None) -> Dataset:
     name: one of `DATASET_NAMES`. ``auto`` uses TFDS MNIST when it is prepared
       in ``data_dir`` or can be prepared here (tensorflow-datasets and
       TensorFlow installed and the download host reachable within 3 s), else
-      the embedded 5,000-digit subset; it prints one line to stderr saying
-      which.
+      the embedded 5,000-digit subset; it logs one line (``logging``, at
+      INFO: hidden by a command line's ``--quiet``) saying which.
     data_dir: the IDX directory for ``idx``; the TFDS data directory for
       ``auto``, ``mnist`` and ``fashion_mnist``; ignored otherwise.
 
@@ -125,7 +127,7 @@ def load_dataset(name: str = "auto", data_dir=None) -> Dataset:
       why = f" [{blocker.split('; use --dataset')[0]}]"
     else:
       dataset, why = load_tfds("mnist", data_dir), ""
-    print(f"dataset: {dataset.description}{why}", file=sys.stderr)
+    logger.info("dataset: %s%s", dataset.description, why)
     return dataset
   if name in TFDS_NAMES:
     return load_tfds(name, data_dir)

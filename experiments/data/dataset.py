@@ -25,8 +25,12 @@ class DataError(ValueError):
     super().__init__(" ".join(str(message).split()))
 
 
-def check_split(name: str, split: str, num_images: int, labels) -> None:
-  """Raises `DataError` unless a split has examples, one label each, 0..9."""
+def check_split(
+  name: str, split: str, num_images: int, labels, labels_name=None
+) -> None:
+  """Raises `DataError` unless a split has examples, one label each, 0..9,
+  and at least two classes (labels that are all one value, e.g. all 0, are
+  a zeroed or wrong label file: every task would be trivially solved)."""
   if num_images != len(labels):
     raise DataError(
       f"{name}: {num_images} {split} images but {len(labels)} {split} labels; "
@@ -38,6 +42,12 @@ def check_split(name: str, split: str, num_images: int, labels) -> None:
     raise DataError(
       f"{name}: {split} labels must lie in 0..9, found "
       f"{labels.min()}..{labels.max()}"
+    )
+  if num_images > 1 and labels.min() == labels.max():
+    raise DataError(
+      f"{labels_name or name}: every one of the {num_images} {split} labels is "
+      f"{labels.min()}: a classifier needs at least two classes; the label "
+      "file is damaged or not this image file's"
     )
 
 

@@ -205,6 +205,7 @@ def scan_idx_dir(data_dir, keep_images: bool) -> dict:
       split,
       x if isinstance(x, int) else len(x),
       arrays[f"{split}_y"],
+      labels_name=paths[f"{split}_y"],
     )
   return arrays
 

@@ -6,7 +6,9 @@ preparing one needs TensorFlow and the download host, both checked first
 tensorflow_datasets is imported on first use only.
 """
 
+import contextlib
 import importlib.util
+import logging
 import socket
 import threading
 import urllib.parse
@@ -51,6 +53,20 @@ def network_reachable(url: str, timeout: float = 3.0) -> bool:
   return bool(result)
 
 
+@contextlib.contextmanager
+def _quiet_absl():
+  """Mutes absl warnings while TFDS looks for a dataset: it warns about
+  folders that do not exist (``Variant folder ... has no
+  dataset_info.json``), which only repeats what `check_tfds` reports."""
+  absl = logging.getLogger("absl")
+  level = absl.level
+  absl.setLevel(logging.ERROR)
+  try:
+    yield
+  finally:
+    absl.setLevel(level)
+
+
 def import_tfds():
   """tensorflow_datasets, imported on first use (slow, and optional)."""
   try:
@@ -79,9 +95,9 @@ def _tfds_prepare_blocker(name: str) -> str | None:
 
 def _tfds_builder(name: str, data_dir):
   # Random access (tfds.data_source) needs ArrayRecord files, not TFRecords.
-  return import_tfds().builder(
-    name, data_dir=data_dir, file_format="array_record"
-  )
+  tfds = import_tfds()
+  with _quiet_absl():
+    return tfds.builder(name, data_dir=data_dir, file_format="array_record")
 
 
 def check_tfds(name: str, data_dir) -> bool:
@@ -91,7 +107,9 @@ def check_tfds(name: str, data_dir) -> bool:
       f"unknown TFDS dataset {name!r}; expected one of {TFDS_NAMES}"
     )
   builder = _tfds_builder(name, data_dir)
-  if builder.is_prepared():
+  with _quiet_absl():
+    prepared = builder.is_prepared()
+  if prepared:
     return True
   if blocker := _tfds_prepare_blocker(name):
     raise DataError(

@@ -21,7 +21,7 @@ import math
 import numbers
 import pkgutil
 import typing
-from typing import Any, Optional
+from typing import Any, Literal, Optional
 
 import ewc_jax
 from experiments import data
@@ -37,6 +37,18 @@ MATMUL_PRECISIONS = ("default", "high", "highest")
 # The field holding each regularised method's strength sweep.
 LAM_FIELDS = {m.name: m.lam_field for m in methods_lib.REGISTRY.values()
               if m.lam_field is not None}
+# The per-example estimators: KFAC-EWC's choices.
+KFAC_ESTIMATORS = tuple(e for e in ewc_jax.ESTIMATORS if e != "batched")
+# The fields with a fixed set of values, as Literal types: tyro lists the
+# choices in --help and refuses others; validate() checks them too.
+Dataset = Literal[data.DATASET_NAMES]
+TaskKind = Literal[tasks.TASK_KINDS]
+ModelName = Literal[models.MODELS]
+OptimizerName = Literal[OPTIMIZERS]
+MethodName = Literal[METHODS]
+Estimator = Literal[ewc_jax.ESTIMATORS]
+KfacEstimator = Literal[KFAC_ESTIMATORS]
+MatmulPrecision = Literal[MATMUL_PRECISIONS]
 # Fields that change how a run is shown or kept, never its results: a run
 # may be resumed with other values.
 RESULT_NEUTRAL = ("progress", "keep_checkpoints")
@@ -51,7 +63,9 @@ class Config:
     dataset: a name from ``experiments.data.DATASET_NAMES``.
     data_dir: the IDX or TFDS directory (see ``experiments.data``).
     tasks: ``permuted``, ``rotated``, ``split_task`` or ``split_domain``.
-    num_tasks: length of the task sequence.
+    num_tasks: length of the task sequence. The split kinds have 5 tasks
+      (pairs of digits): on the command line ``--tasks split_task`` (or
+      ``split_domain``) sets 5 unless ``--num-tasks`` is given.
     val_fraction: share of each task's training data held out for
       validation (model selection; the test split is only reported).
     pad_to: zero-pad the images to ``pad_to x pad_to`` before permuting
@@ -87,10 +101,13 @@ class Config:
     online_kfac_sum_lam: the same for ``online_kfac_ewc_sum`` (one exact
       Kronecker term per task instead of pooled factors).
     si_xi: SI's damping xi in ``Omega = omega / (Delta^2 + xi)``.
-    fisher: the Fisher estimator (``exact``, ``sampled``, ``empirical``,
-      ``batched``).
+    fisher: the Fisher estimator: ``exact`` (all classes weighted by p(y|x),
+      the default), ``sampled`` (labels drawn from the model),
+      ``empirical`` (the data labels), ``predicted`` (the model's argmax
+      label, van de Ven & Tolias 2019) or ``batched`` (squared mini-batch
+      mean gradients, ~F / batch size; for comparison).
     kfac_fisher: KFAC-EWC's estimator (``exact``, ``sampled``,
-      ``empirical``); ``None``: the same as ``fisher``.
+      ``empirical``, ``predicted``); ``None``: the same as ``fisher``.
     fisher_examples: the Fisher uses a random subset of this many of the
       task's training examples (``None``: all of them).
     fisher_batch_size: chunk size of the Fisher pass.
@@ -120,19 +137,19 @@ class Config:
   """
 
   preset: str = "quick"
-  dataset: str = "auto"
+  dataset: Dataset = "auto"
   data_dir: Optional[str] = None
-  tasks: str = "permuted"
+  tasks: TaskKind = "permuted"
   num_tasks: int = 10
   val_fraction: float = 0.1
   pad_to: Optional[int] = None
   train_examples: Optional[int] = None
-  model: str = "mlp"
+  model: ModelName = "mlp"
   hidden: tuple[int, ...] = (256, 256)
   channels: tuple[int, ...] = (16, 32)
   cnn_hidden: int = 128
   dropout: float = 0.0
-  optimizer: str = "adam"
+  optimizer: OptimizerName = "adam"
   learning_rate: float = 1e-3
   b1: float = 0.9
   b2: float = 0.999
@@ -140,8 +157,8 @@ class Config:
   batch_size: int = 64
   epochs: int = 5
   iterations: Optional[int] = None
-  methods: tuple[str, ...] = ("finetune", "l2", "ewc", "online_ewc", "si",
-                              "joint")
+  methods: tuple[MethodName, ...] = ("finetune", "l2", "ewc", "online_ewc",
+                                     "si", "joint")
   lam: tuple[float, ...] = (30.0, 100.0)
   online_lam: tuple[float, ...] = (30.0, 100.0)
   gamma: float = 0.9
@@ -152,8 +169,8 @@ class Config:
   kfac_lam: tuple[float, ...] = (30.0, 100.0)
   online_kfac_lam: tuple[float, ...] = (30.0, 100.0)
   online_kfac_sum_lam: tuple[float, ...] = (30.0, 100.0)
-  fisher: str = "exact"
-  kfac_fisher: Optional[str] = None
+  fisher: Estimator = "exact"
+  kfac_fisher: Optional[KfacEstimator] = None
   fisher_examples: Optional[int] = None
   fisher_batch_size: int = 256
   seeds: tuple[int, ...] = (0, 1, 2)
@@ -162,7 +179,7 @@ class Config:
   data_parallel: int = 0
   keep_checkpoints: bool = False
   progress: bool = True
-  matmul_precision: str = "default"
+  matmul_precision: MatmulPrecision = "default"
 
   def replace(self, **changes: Any) -> "Config":
     """A copy with ``changes`` applied, validated."""
@@ -235,6 +252,8 @@ def _check_type(name: str, value: Any, kind: Any) -> None:
     for item in value:
       _check_type(f"each entry of {name}", item, args[0])
     return
+  if origin is Literal:  # the choice itself: _check_choices, by name
+    kind = type(args[0])
   valid = {
       bool: isinstance(value, bool),
       int: isinstance(value, numbers.Integral) and not isinstance(value, bool),

@@ -29,6 +29,7 @@ import jax
 from experiments import data as data_lib
 from experiments.common import checkpoint as checkpoint_lib
 from experiments.common import files
+from experiments.common import progress as progress_lib
 from experiments.permuted_mnist import budget
 from experiments.permuted_mnist import config as config_lib
 from experiments.permuted_mnist import loop
@@ -60,8 +61,12 @@ def _open(config, workdir, overwrite, resume, dataset, vmap_info):
   and the finished runs of this config."""
   if resume:
     workdir_lib.check_resume(workdir, config)
-  else:  # an overwritten run's files (checkpoints included) go
+  else:  # an overwritten run's files (checkpoints included) move aside
     workdir_lib.prepare_workdir(workdir, overwrite)
+  previous = workdir / workdir_lib.PREVIOUS
+  if previous.is_dir():
+    logger.info("the previous run's files are kept in %s until this run "
+                "is complete", previous)
   info = workdir_lib.dataset_info(dataset)
   done = {}
   if resume:
@@ -110,7 +115,8 @@ def _monitor(live, config, method, points, batched=False):
       live.open(config, methods_lib.get(method), points, batched=batched))
 
 
-def _run_one(config, workdir, stream, method, lam, seed, on_chunk, live):
+def _run_one(config, workdir, stream, method, lam, seed, on_chunk, live,
+             job):
   """One checkpointed run; a divergence says what was kept."""
   ckpt_dir = (workdir / workdir_lib.CHECKPOINTS
               / checkpoint_lib.run_name(method, lam, seed))
@@ -118,7 +124,7 @@ def _run_one(config, workdir, stream, method, lam, seed, on_chunk, live):
     with _monitor(live, config, method, [(lam, seed)]) as monitor:
       output = loop.run(config, stream, method, [(lam, seed)],
                         checkpoint_dir=ckpt_dir, on_chunk=on_chunk,
-                        monitor=monitor)
+                        monitor=monitor, job=job)
   except loop.TrainingDiverged as e:
     kept = sorted(int(p.name) for p in ckpt_dir.glob("*") if p.name.isdigit())
     where = (f"its last good checkpoint (step {kept[-1]}) is kept in "
@@ -129,44 +135,73 @@ def _run_one(config, workdir, stream, method, lam, seed, on_chunk, live):
   return output, ckpt_dir
 
 
-def _run_all(config, workdir, dataset, info, done, out, on_chunk, live):
+class _JobSize:
+  """Sizes the job's bar once the first stream gives a run's steps (the
+  same for every run, method and seed: the task sizes depend on the data
+  and the config alone); runs read back before that are counted then."""
+
+  def __init__(self, job, runs):
+    self.job, self.runs, self.per_run, self.earlier = job, runs, None, 0
+
+  def stream(self, config, stream):
+    if self.per_run is None:
+      self.per_run = loop.steps_per_run(config, stream)
+      self.job.set_total(self.per_run * self.runs)
+      self.job.skip(self.per_run * self.earlier)
+
+  def finished_earlier(self):
+    if self.per_run is None:
+      self.earlier += 1
+    else:
+      self.job.skip(self.per_run)
+
+
+def _run_all(config, workdir, dataset, info, done, out, on_chunk, live, job):
   """Runs (or reads back) every (seed, method, lam) run, in order."""
-  for seed in config.seeds:
-    stream = None
-    for method in config.methods:
-      for lam in config.lams(method):
-        result = done.get((method, float(lam), seed))
-        ckpt_dir = None
-        if result is None:
-          if stream is None:  # only for seeds with runs left to do
-            stream = make_stream(config, dataset, seed)
-          output, ckpt_dir = _run_one(config, workdir, stream, method, lam,
-                                      seed, on_chunk, live)
-          result = output.results[0]
-          out["params"][(method, float(lam), seed)] = output.params
-          source = f"{result.time_s:.1f} s"
-        else:
-          source = "finished earlier, read from runs.json"
-        out["results"].append(result)
-        _log_result(result, source)
-        results_lib.write_results(workdir, config, info, out["results"],
-                                  final=False)
-        if ckpt_dir is not None and not config.keep_checkpoints:
-          shutil.rmtree(ckpt_dir, ignore_errors=True)
+  runs = [(seed, method, lam) for seed in config.seeds
+          for method in config.methods for lam in config.lams(method)]
+  size, streams = _JobSize(job, len(runs)), {}
+  for number, (seed, method, lam) in enumerate(runs, 1):
+    job.set_description(f"run {number}/{len(runs)}")
+    result = done.get((method, float(lam), seed))
+    ckpt_dir = None
+    if result is None:
+      if seed not in streams:  # only for seeds with runs left to do
+        streams = {seed: make_stream(config, dataset, seed)}  # one at a time
+      stream = streams[seed]
+      size.stream(config, stream)
+      output, ckpt_dir = _run_one(config, workdir, stream, method, lam,
+                                  seed, on_chunk, live, job)
+      result = output.results[0]
+      out["params"][(method, float(lam), seed)] = output.params
+      source = f"{result.time_s:.1f} s"
+    else:
+      source = "finished earlier, read from runs.json"
+      size.finished_earlier()
+    out["results"].append(result)
+    _log_result(result, source)
+    results_lib.write_results(workdir, config, info, out["results"],
+                              final=False)
+    if ckpt_dir is not None and not config.keep_checkpoints:
+      shutil.rmtree(ckpt_dir, ignore_errors=True)
 
 
-def _run_groups(config, workdir, dataset, info, data_seed, out, live):
+def _run_groups(config, workdir, dataset, info, data_seed, out, live, job):
   """Each method's sweep (of one seed, or of all on one stream) vmapped."""
   groups = ([(seed, (seed,)) for seed in config.seeds] if data_seed is None
             else [(data_seed, tuple(config.seeds))])
+  size, number = _JobSize(job, len(groups) * len(config.methods)), 0
   for stream_seed, seeds in groups:
     stream = make_stream(config, dataset, stream_seed)
+    size.stream(config, stream)
     for method in config.methods:
+      number += 1
+      job.set_description(f"group {number}/{size.runs} (vmap)")
       points = [(lam, seed) for seed in seeds  # seed-major, as run_sweep
                 for lam in config.lams(method)]
       with _monitor(live, config, method, points, batched=True) as monitor:
         output = loop.run(config, stream, method, points, batched=True,
-                          data_seed=stream_seed, monitor=monitor)
+                          data_seed=stream_seed, monitor=monitor, job=job)
       for k, result in enumerate(output.results):
         out["params"][(method, result.lam, result.seed)] = jax.tree.map(
             lambda x, k=k: x[k], output.params)
@@ -191,7 +226,9 @@ def train_and_evaluate(config: config_lib.Config, workdir: Any, *,
     config: the configuration.
     workdir: the run directory (created; must be empty unless ``overwrite``
       or ``resume``).
-    overwrite: allow a non-empty run directory (its checkpoints go).
+    overwrite: allow a run directory holding a previous run: its files
+      are moved into ``workdir/previous/`` and deleted once this run is
+      complete (:func:`workdir.prepare_workdir`).
     dataset: use this dataset instead of loading ``config.dataset``.
     resume: continue the run in ``workdir`` (finished runs are read from
       ``runs.json``); ``config`` must equal the saved one.
@@ -246,19 +283,25 @@ def _train(config, workdir, dataset, info, done, vmap, data_seed, on_chunk,
            live):
   """Every run (or vmapped group), then the final result files."""
   out = {"results": [], "params": {}}
-  if vmap:
-    _run_groups(config, workdir, dataset, info, data_seed, out, live)
-  else:
-    mesh = steps.data_mesh(config)
-    if mesh is not None:
-      logger.info("data parallel: each mini-batch sharded over %d devices "
-                  "(%s)", mesh.size, jax.devices()[0].platform)
-    with jax.set_mesh(mesh) if mesh is not None else contextlib.nullcontext():
-      _run_all(config, workdir, dataset, info, done, out, on_chunk, live)
+  with progress_lib.Job(enabled=config.progress) as job, job.logging():
+    if vmap:
+      _run_groups(config, workdir, dataset, info, data_seed, out, live, job)
+    else:
+      mesh = steps.data_mesh(config)
+      if mesh is not None:
+        logger.info("data parallel: each mini-batch sharded over %d devices "
+                    "(%s)", mesh.size, jax.devices()[0].platform)
+      with (jax.set_mesh(mesh) if mesh is not None
+            else contextlib.nullcontext()):
+        _run_all(config, workdir, dataset, info, done, out, on_chunk, live,
+                 job)
   summary = results_lib.write_results(workdir, config, info, out["results"],
                                       final=True)
   if not config.keep_checkpoints:
     shutil.rmtree(workdir / workdir_lib.CHECKPOINTS, ignore_errors=True)
+  if workdir_lib.drop_previous(workdir):  # an --overwrite is complete
+    logger.debug("deleted the previous run's files (%s/)",
+                 workdir_lib.PREVIOUS)
   logger.info("%s", results_lib.format_table(summary["methods"]))
   logger.info("%s", results_lib.format_timing(summary["methods"]))
   return {**summary, **out, "workdir": workdir}

@@ -95,6 +95,13 @@ def steps_per_task(config: config_lib.Config, n: int) -> int:
   return config.epochs * (n // config.batch_size)
 
 
+def steps_per_run(config: config_lib.Config, stream: stream_lib.Stream
+                  ) -> int:
+  """Optimiser steps of one run (or vmapped group) of any method: the sum
+  over tasks (``joint`` trains as many steps on their union)."""
+  return sum(steps_per_task(config, s.n) for s in stream.train)
+
+
 def segments(total: int, per_epoch: int, every: Optional[int],
              start: int = 0) -> list[tuple[int, int]]:
   """Splits steps ``[start, total)`` into chunks ``(first, end)``.
@@ -117,10 +124,10 @@ class _Run:
   """One run (or group of members) through its phases; see :func:`run`."""
 
   def __init__(self, config, stream, method, points, batched, progress,
-               on_chunk, monitor=None):
+               on_chunk, monitor=None, job=None):
     self.config, self.stream, self.method = config, stream, method
     self.points, self.progress, self.on_chunk = points, progress, on_chunk
-    self.monitor = monitor
+    self.monitor, self.job = monitor, job
     self.ops = ops_lib.Ops(batched, method)
     self.timer = timing_lib.PhaseTimer()
     self.start_time = time.perf_counter()
@@ -164,6 +171,8 @@ class _Run:
       self.base_time = self.record.time_s
       logger.info("%s: resuming from its checkpoint at task %d, step %d",
                   self.label, self.record.task + 1, self.record.step)
+      if self.job is not None:  # the phases before the restored one
+        self.job.skip(int(self.first_step[self.record.task]))
       if self.monitor is not None:
         self.monitor.start(int(self.first_step[self.record.task])
                            + self.record.step)
@@ -184,6 +193,8 @@ class _Run:
     record.task_loss = [list(x) for x in task_loss]
     record.time_s = self.elapsed()
     if self.ckpt is not None:
+      if self.monitor is not None:  # what the checkpoint passed, on disk
+        self.monitor.flush()
       with self.timer.phase("checkpoint"):
         record.timing = self.timer.rounded()
         self.ckpt.save(self.state, self.key, record)
@@ -241,9 +252,7 @@ class _Run:
     task_key = self.ops.fold_in(self.key, t)
     losses = [list(x) for x in losses]
     pending = []
-    bar = tqdm.tqdm(total=self.totals[t], initial=start, desc=self.desc(t),
-                    unit="step", leave=False, disable=not self.progress)
-    try:
+    with self.bar(t, start) as bar:
       for a, b in segments(self.totals[t], per_epoch, every, start):
         with self.timer.phase("train"):
           epoch, offset = divmod(a, per_epoch)
@@ -264,9 +273,16 @@ class _Run:
       with self.timer.phase("train"):
         self.check(pending, losses, t)
         jax.block_until_ready(self.state)
-    finally:
-      bar.close()
     return losses
+
+  def bar(self, t: int, start: int) -> Any:
+    """Phase ``t``'s progress bar: beneath the job's bar when there is one
+    (:class:`experiments.common.progress.Job`), else on its own."""
+    if self.job is not None:
+      return self.job.phase(self.totals[t], start, self.desc(t))
+    return contextlib.closing(tqdm.tqdm(
+        total=self.totals[t], initial=start, desc=self.desc(t), unit="step",
+        leave=False, disable=None if self.progress else True))
 
   def finish_phase(self, t: int) -> None:
     """Evaluates after phase ``t`` and folds the finished task in."""
@@ -288,7 +304,8 @@ class _Run:
             self.stream.tasks[t], key, batched=self.ops.batched))
     if self.monitor is not None:
       self.monitor.task_end(t, self.record.R[:, t], self.record.R_val[:, t],
-                            before, self.state if fold else None)
+                            before, self.state if fold else None,
+                            int(self.first_step[t + 1]))
 
   def train(self) -> None:
     """Every phase from where the record stands."""
@@ -323,7 +340,7 @@ def run(config: config_lib.Config, stream: stream_lib.Stream, method: str,
         data_seed: Optional[int] = None, checkpoint_dir: Any = None,
         progress: Optional[bool] = None,
         on_chunk: Optional[ChunkHook] = None,
-        monitor: Any = None) -> RunOutput:
+        monitor: Any = None, job: Any = None) -> RunOutput:
   """Trains ``method`` through the task sequence, evaluating every task.
 
   Args:
@@ -345,6 +362,9 @@ def run(config: config_lib.Config, stream: stream_lib.Stream, method: str,
     on_chunk: called with the number of steps after every chunk.
     monitor: live metrics (a :class:`monitor.Monitor`): started, then
       given every chunk's losses and every task's accuracies.
+    job: the overall progress bar of a job of several runs
+      (:class:`experiments.common.progress.Job`): each task's bar is shown
+      beneath it and advances it.
 
   Returns:
     The :class:`RunOutput`; ``time_s`` and ``timing`` include the time
@@ -367,7 +387,7 @@ def run(config: config_lib.Config, stream: stream_lib.Stream, method: str,
   progress = config.progress if progress is None else progress
   with matmul_precision(config):
     runner = _Run(config, stream, spec, points, batched, progress, on_chunk,
-                  monitor)
+                  monitor, job)
     if checkpoint_dir is not None:
       runner.ckpt = checkpointing.RunCheckpointer(
           checkpoint_dir, config, method, points,

@@ -9,8 +9,8 @@ Examples:
       --lam 10,100,1000 --seeds 0,1,2 --out runs/sweep
   python -m experiments.permuted_mnist --preset vandeven2019 \
       --dataset mnist --data-dir DIR
-  python -m experiments.permuted_mnist --tasks split_task --num-tasks 5 \
-      --epochs 2 --hidden 400,400
+  python -m experiments.permuted_mnist --tasks split_task --epochs 2 \
+      --hidden 400,400                      # 5 tasks: pairs of digits
 
 Lists take commas or spaces (``--seeds 0,1,2`` or ``--seeds 0 1 2``);
 ``--set FIELD=VALUE`` sets any field too; ``--lr`` and ``--mesh`` are short
@@ -18,7 +18,9 @@ for ``--learning-rate`` and ``--data-parallel``. ``--lam`` takes either one
 list, used by every regularised method in the run (``ewc``, ``online_ewc``,
 ``l2``, and ``si``'s ``c``), or ``METHOD=LIST`` for one method (repeatable):
 ``--lam ewc=100,1000 --lam si=0.5,1``. The value with the best validation
-accuracy (held out from the training data) is reported.
+accuracy (held out from the training data) is reported. ``--tasks
+split_task`` and ``split_domain`` (5 pairs of digits) run 5 tasks unless
+``--num-tasks`` says otherwise.
 
 One process per run directory (a second one is refused). Every run is
 checkpointed (after each task, and every ``--checkpoint-every`` steps if set;
@@ -52,6 +54,8 @@ from experiments.permuted_mnist import config as config_lib
 from experiments.permuted_mnist import experiment
 from experiments.permuted_mnist import loop
 from experiments.permuted_mnist import monitor
+from experiments.permuted_mnist import results as results_lib
+from experiments.permuted_mnist import tasks as tasks_lib
 from experiments.permuted_mnist import workdir as workdir_lib
 
 logger = logging.getLogger("experiments.permuted_mnist")
@@ -66,8 +70,11 @@ class Flags:
   Attributes:
     config: every field of the experiment's configuration.
     out: run directory (default runs/PRESET-TIME-PID, a new one per run).
-    overwrite: replace a previous run's files in --out (refused when it
-      holds files the runner did not write).
+    overwrite: replace a previous run in --out. Its files are moved into
+      --out/previous/ and deleted only once the new run is complete (a run
+      killed midway or stopped by a full disk leaves them there). Refused
+      for a directory that never held a run or that holds files the
+      runner did not write.
     resume: continue the interrupted experiment in this RUN_DIR.
     vmap: train each method's lambdas as one vmapped program (not
       checkpointed).
@@ -189,11 +196,15 @@ def parse(argv: Sequence[str]) -> tuple[Flags, config_lib.Config]:
     base = workdir_lib.saved_config(known.resume)
   else:
     base = config_lib.get_config(known.preset or "quick")
-  flags = tyro.cli(Flags, default=Flags(config=base), args=rest, prog=PROG,
-                   description=__doc__)
+  flags = cli.tyro_cli(Flags, default=Flags(config=base), args=rest,
+                       prog=PROG, description=__doc__)
   config = flags.config
   changes = lam_assignments(lam_words(known.lam), config.methods)
   given = _given_fields(rest)
+  if (config.tasks.startswith("split_") and "num_tasks" not in given
+      and config.num_tasks > tasks_lib.SPLIT_TASKS):
+    # A stream of 5 tasks: the preset's longer sequence cannot be meant.
+    config = dataclasses.replace(config, num_tasks=tasks_lib.SPLIT_TASKS)
   if set(changes) & given:
     raise ValueError(
         f"{sorted(set(changes) & given)} given both by --lam and by its own "
@@ -274,12 +285,21 @@ def main(argv: Optional[Sequence[str]] = None, *,
   try:
     flags, config = parse(argv)
     flags.output.check()  # a missing wandb fails before any work
+    if flags.output.quiet:  # the results and errors only
+      config = dataclasses.replace(config, progress=False)
     workdir = _workdir(flags, config)
+  except BrokenPipeError:  # --help | head -1
+    return CLOSED_STATUS
   except (ValueError, ImportError, OSError) as e:  # DataError: ValueError
     print(f"{PROG}: error: {_one_line(e)}", file=sys.stderr)
     raise SystemExit(2) from None
-  with flags.output.logging():
-    return _run(flags, config, workdir, on_chunk)
+  try:
+    with flags.output.logging():
+      return _run(flags, config, workdir, on_chunk)
+  except cli.OutputClosed:  # the table of a --quiet run could not be shown
+    print(f"{PROG}: standard output was closed; the results are in "
+          f"{workdir}", file=sys.stderr)
+    return CLOSED_STATUS
 
 
 def _live(flags: Flags, workdir: Any) -> Optional[monitor.LiveMetrics]:
@@ -299,10 +319,19 @@ def _one_line(error: BaseException) -> str:
   return " ".join(str(error).split())
 
 
-def _tidy(flags: Flags, workdir: Any, status: int) -> int:
-  """Removes a default run directory that a failed run left empty (its
-  lock file aside); returns ``status``."""
+# The status of a command stopped by a closed stdout: a shell's for SIGPIPE.
+CLOSED_STATUS = 141
+
+
+def _fail(flags: Flags, workdir: Any, message: str, status: int) -> int:
+  """Prints ``message`` as one line on stderr, with where an overwritten
+  run's files are kept; removes a default run directory that the failed run
+  left empty (its lock file aside); returns ``status``."""
   path = pathlib.Path(workdir)
+  previous = path / workdir_lib.PREVIOUS
+  if previous.is_dir():
+    message += f" The previous run's files are kept in {previous}."
+  print(message, file=sys.stderr)
   if flags.out is None and not flags.resume and path.is_dir() and all(
       p.name == workdir_lib.LOCK for p in path.iterdir()):
     shutil.rmtree(path, ignore_errors=True)
@@ -324,20 +353,23 @@ def _run(flags: Flags, config: config_lib.Config, workdir: Any,
         data_seed=flags.data_seed, on_chunk=on_chunk,
         live=_live(flags, workdir))
   except RUN_ERRORS as e:
-    print(f"error: {_one_line(e)}", file=sys.stderr)
-    return _tidy(flags, workdir, 1)
+    return _fail(flags, workdir, f"error: {_one_line(e)}", 1)
   except OSError as e:  # a full disk, a read-only or vanished directory
-    print(f"error: cannot write the run's files in {workdir}: "
-          f"{_one_line(e)}", file=sys.stderr)
-    return _tidy(flags, workdir, 1)
-  except KeyboardInterrupt:
+    return _fail(flags, workdir, "error: cannot write the run's files in "
+                 f"{workdir}: {_one_line(e)}", 1)
+  except (KeyboardInterrupt, cli.OutputClosed) as e:
     if not (pathlib.Path(workdir) / "config.json").is_file():
       again = "it had not started: nothing to resume"
     elif flags.vmap:
       again = "--vmap runs are not checkpointed: start it again"
     else:
       again = f"continue it with: {PROG} --resume {workdir}"
-    print(f"interrupted; run directory {workdir}: {again}", file=sys.stderr)
-    return _tidy(flags, workdir, 130)
+    if isinstance(e, KeyboardInterrupt):
+      return _fail(flags, workdir,
+                   f"interrupted; run directory {workdir}: {again}", 130)
+    return _fail(flags, workdir, "standard output was closed: stopped; run "
+                 f"directory {workdir}: {again}", CLOSED_STATUS)
   logger.info("results in %s", summary["workdir"])
+  if flags.output.quiet:
+    cli.print_out(results_lib.format_table(summary["methods"]))
   return 0

@@ -7,14 +7,21 @@ named as its checkpoint directory (``ewc-lam100.0-seed0``). Scalars:
 
 * ``train/loss`` at every optimiser step where the loop reads a chunk's
   mean loss back (the end of each chunk; steps count over all tasks);
-* ``acc/task_j`` at step ``i`` (the task just trained, from 0): ``R[i, j]``,
+* ``acc/task_j`` for the task ``i`` just trained (from 0): ``R[i, j]``,
   the test accuracy matrix row by row; ``acc/average`` (tasks seen so far,
   ``mean_{j<=i} R[i, j]``), ``acc/average_all`` and ``val_acc/average``;
-* for methods that fold an importance in, at step ``i``:
+  against W&B's ``task`` axis at ``i``, and in TensorBoard (one step axis)
+  at the optimiser step where task ``i``'s training ended;
+* for methods that fold an importance in, at the same steps:
   ``pull/penalty``, the EWC penalty ``(lam/2) sum F (theta - theta*)^2`` at
   the end of task ``i``'s training, and ``pull/curvature_sum`` and
   ``pull/curvature_max`` of the curvature the pull holds once task ``i`` is
   folded in (the sum of the Fishers so far, online: their decayed sum).
+
+Resuming. The loop flushes the trackers before each checkpoint
+(:meth:`Monitor.flush`) and a resumed run's TensorBoard writer purges
+everything after the checkpoint's step, so that a run killed and resumed
+shows the same curves as an uninterrupted one, no point lost or repeated.
 
 The loop's values are already on the host; the pull's sizes are a few
 reductions per task, computed after the task's evaluation has synchronised,
@@ -88,12 +95,18 @@ class Monitor:
                               strict=True):
       tracker.scalars({"train/loss": value}, step)
 
+  def flush(self) -> None:
+    """Puts everything logged so far on disk (before a checkpoint)."""
+    for tracker in self.trackers:
+      tracker.flush()
+
   def task_end(self, task: int, acc: np.ndarray, val_acc: np.ndarray,
-               before: Any, after: Optional[Any]) -> None:
+               before: Any, after: Optional[Any], step: int) -> None:
     """The accuracies ``[K, T]`` after ``task`` and the pull's sizes.
 
     Args:
       task: the task just trained (0 for joint training's one phase).
+      step: the optimiser step (over all tasks) where it ended.
       acc: test accuracy of every task, per member.
       val_acc: the same on the validation splits.
       before: the training state at the end of the task's training.
@@ -115,7 +128,7 @@ class Monitor:
       values["acc/average_all"] = row.mean()
       values["val_acc/average"] = np.mean(val_acc[k][:task + 1])
       values.update({name: v[k] for name, v in pull.items()})
-      tracker.scalars(values, task, axis="task")
+      tracker.scalars(values, task, axis="task", global_step=step)
 
   def close(self) -> None:
     for tracker in self.trackers:

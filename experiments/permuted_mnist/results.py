@@ -223,7 +223,7 @@ def write_results(workdir: pathlib.Path, config: Any,
               ["after_task", *(f"task_{j}" for j in range(len(mat)))],
               [[i, *mat[i]] for i in range(len(mat))])
   if final:
-    for name, png in render_plots(rows).items():
+    for name, png in render_plots(rows, results).items():
       files.write_atomic(workdir / name, png)
   return summary
 
@@ -268,25 +268,34 @@ def _title(row: dict[str, Any]) -> str:
   return f"{row['method']}, lam={row['lam']:g}"
 
 
-def render_plots(rows: Sequence[dict[str, Any]]) -> dict[str, bytes]:
+def render_plots(rows: Sequence[dict[str, Any]],
+                 results: Sequence[MethodResult] = ()) -> dict[str, bytes]:
   """All plots of a run, as PNG bytes by file name.
 
   Args:
     rows: from :func:`aggregate`.
+    results: every run; each method's runs at its chosen lambda give the
+      band of the spread over seeds in ``avg_accuracy.png``.
 
   Returns:
-    ``{"avg_accuracy.png": ..., "R_<method>.png": ...}``.
+    ``{"avg_accuracy.png": ..., "R_<method>.png": ...}``: the mean over
+    seeds, which the titles say.
   """
   from experiments.common import plots  # noqa: PLC0415 (matplotlib is slow)
 
+  def runs(row):
+    return [r.R for r in results
+            if r.method == row["method"] and r.lam == row["lam"]]
+
   curves = [{"label": _title(row).replace(", lam=", " (lam=")
                       + (")" if "lam=" in _title(row) else ""),
-             "R": row["R_mean"],
+             "R": row["R_mean"], "R_runs": runs(row),
              "dashed": methods_lib.get(row["method"]).joint} for row in rows]
-  pngs = {"avg_accuracy.png": plots.average_accuracy_figure(curves)}
+  pngs = {"avg_accuracy.png": plots.average_accuracy_figure(
+      curves, "Average test accuracy on the tasks seen so far")}
   for row in rows:
-    pngs[f"R_{row['method']}.png"] = plots.heatmap_figure(row["R_mean"],
-                                                          _title(row))
+    pngs[f"R_{row['method']}.png"] = plots.heatmap_figure(
+        row["R_mean"], _title(row), seeds=len(row["seeds"]))
   return pngs
 
 

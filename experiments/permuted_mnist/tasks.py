@@ -23,6 +23,8 @@ import scipy.ndimage
 from experiments.data import IMAGE_SHAPE, Dataset, stratified_split
 
 TASK_KINDS = ("permuted", "rotated", "split_task", "split_domain")
+# The split kinds' tasks: the digit pairs (0, 1), (2, 3), ..., (8, 9).
+SPLIT_TASKS = 5
 
 
 class Task(NamedTuple):

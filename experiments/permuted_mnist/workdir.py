@@ -1,10 +1,19 @@
 """The run directory: creating it, locking it, and the checks before resuming.
 
 A run directory holds only files the runner writes (:data:`RUNNER_FILES`,
-``R_<method>.csv/png``, ``checkpoints/<run>/``). ``--overwrite`` removes
-exactly those and refuses a directory holding anything else; a lock file
-(:data:`LOCK`, held with ``filelock`` for the run's life) keeps a second
-process out.
+``R_<method>.csv/png``, ``checkpoints/<run>/``, ``previous/``), and its
+``config.json`` marks it as a run's. ``--overwrite`` refuses a directory
+that never held a run (no ``config.json`` of this runner) or that holds
+anything else; a lock file (:data:`LOCK`, held with ``filelock`` for the
+run's life) keeps a second process out.
+
+Overwriting never loses the old results. The previous run's files are moved
+aside into ``previous/`` (:data:`PREVIOUS`, a rename within the directory:
+no copy, no extra disk) before the new run writes anything, and deleted only
+once the new run has completed (:func:`drop_previous`). A run killed midway
+(SIGKILL, a full disk) leaves the old results in ``RUN_DIR/previous/`` and
+the new run resumable with ``--resume RUN_DIR``; overwriting again keeps
+``previous/`` (the last complete run) and discards the incomplete one.
 """
 
 import contextlib
@@ -21,12 +30,17 @@ import filelock
 import numpy as np
 
 from experiments import data as data_lib
+from experiments.common import files
 from experiments.permuted_mnist import checkpointing
 from experiments.permuted_mnist import config as config_lib
 from experiments.permuted_mnist import results as results_lib
 
 CHECKPOINTS = "checkpoints"
 LOCK = ".lock"
+# Where --overwrite keeps the previous run's files until the new one is
+# complete; _STAGING while they are being moved, _DROPPED while deleted.
+PREVIOUS = "previous"
+_STAGING, _DROPPED = ".previous.tmp", ".previous.old"
 # What the runner writes at the top of a run directory (besides R_<method>.*
 # and checkpoints/); --overwrite removes these and nothing else.
 RUNNER_FILES = ("config.json", "runs.json", "runs.csv", "accuracy.csv",
@@ -44,13 +58,16 @@ def foreign_files(workdir: Any) -> list[str]:
   """The entries of ``workdir`` that the runner did not write, sorted.
 
   ``checkpoints/`` counts as the runner's when every entry in it is a
-  directory named like a run (``ewc-lam100.0-seed0``).
+  directory named like a run (``ewc-lam100.0-seed0``); ``previous/`` (and
+  its temporary names) when it holds only a run's files itself.
   """
   workdir, out = pathlib.Path(workdir), []
   for entry in sorted(workdir.iterdir()):
     if entry.name == CHECKPOINTS and entry.is_dir():
       out += [f"{CHECKPOINTS}/{e.name}" for e in sorted(entry.iterdir())
               if not (e.is_dir() and _RUN_NAME.fullmatch(e.name))]
+    elif entry.name in (PREVIOUS, _STAGING, _DROPPED) and entry.is_dir():
+      out += [f"{entry.name}/{name}" for name in foreign_files(entry)]
     elif not (entry.is_file() and (entry.name in RUNNER_FILES
                                    or _RUNNER_PATTERN.fullmatch(entry.name))):
       out.append(entry.name + ("/" if entry.is_dir() else ""))
@@ -75,6 +92,14 @@ def check_workdir(workdir: Any, overwrite: bool) -> None:
     raise FileExistsError(
         f"run directory {workdir} already exists and is not empty; pass "
         "--overwrite to replace its results, or choose another --out.")
+  if entries and not (holds_run(workdir) or holds_run(workdir / PREVIOUS)
+                      or (workdir / _STAGING).is_dir()):
+    shown = ", ".join(sorted(e.name for e in entries)[:5]) + (
+        " ..." if len(entries) > 5 else "")
+    raise FileExistsError(
+        f"--overwrite replaces only a previous run's files, but {workdir} "
+        f"never held a run (no config.json of this runner) and holds "
+        f"{shown}; move them away or choose another --out.")
   foreign = foreign_files(workdir) if entries else []
   if foreign:
     shown = ", ".join(foreign[:5]) + (" ..." if len(foreign) > 5 else "")
@@ -84,14 +109,94 @@ def check_workdir(workdir: Any, overwrite: bool) -> None:
         "choose another --out.")
 
 
+def holds_run(workdir: Any) -> bool:
+  """Whether ``workdir`` holds a run's ``config.json`` (a JSON object with
+  the run's ``config`` and ``dataset``), the mark of a run directory."""
+  try:
+    header = json.loads((pathlib.Path(workdir) / "config.json").read_text())
+  except (OSError, ValueError):
+    return False
+  return (isinstance(header, dict) and isinstance(header.get("config"), dict)
+          and "dataset" in header)
+
+
+def _complete(workdir: pathlib.Path) -> bool:
+  """Whether ``workdir``'s top level holds a completed run's results."""
+  try:
+    return json.loads((workdir / "summary.json").read_text()).get(
+        "complete") is True
+  except (OSError, ValueError, AttributeError):
+    return False
+
+
+def _runner_entries(workdir: pathlib.Path) -> list[pathlib.Path]:
+  """The top-level entries a run wrote (lock and ``previous/`` aside)."""
+  return [e for e in sorted(workdir.iterdir())
+          if e.name not in (LOCK, PREVIOUS, _STAGING, _DROPPED)]
+
+
+def _remove(entry: pathlib.Path) -> None:
+  if entry.is_dir():
+    shutil.rmtree(entry)
+  else:
+    entry.unlink()
+
+
+def _set_aside(workdir: pathlib.Path) -> None:
+  """Moves the previous run's files into ``previous/``, crash-safely.
+
+  They are renamed into ``_STAGING`` one by one (a move interrupted there is
+  finished by the next call: nothing new is written before it completes),
+  then ``_STAGING`` replaces ``previous/`` with two renames. An incomplete
+  run on top of an existing ``previous/`` (an overwrite that was killed) is
+  discarded instead: ``previous/`` keeps the last complete run.
+  """
+  staging, previous = workdir / _STAGING, workdir / PREVIOUS
+  if (workdir / _DROPPED).exists():
+    shutil.rmtree(workdir / _DROPPED)
+  entries = _runner_entries(workdir)
+  if not staging.is_dir() and previous.is_dir() and not _complete(workdir):
+    for entry in entries:
+      _remove(entry)
+    return
+  if not entries and not staging.is_dir():
+    return
+  staging.mkdir(exist_ok=True)
+  for entry in entries:
+    entry.rename(staging / entry.name)
+  files.sync_directory(workdir)
+  if previous.is_dir():
+    previous.rename(workdir / _DROPPED)
+  staging.rename(previous)
+  files.sync_directory(workdir)
+  shutil.rmtree(workdir / _DROPPED, ignore_errors=True)
+
+
+def drop_previous(workdir: Any) -> bool:
+  """Deletes what ``--overwrite`` set aside, once the new run is complete.
+
+  Returns:
+    Whether there was something to delete.
+  """
+  workdir, found = pathlib.Path(workdir), False
+  for name in (PREVIOUS, _DROPPED):
+    if (workdir / name).is_dir():
+      shutil.rmtree(workdir / name)
+      found = True
+  return found
+
+
 def prepare_workdir(workdir: Any, overwrite: bool) -> pathlib.Path:
-  """Creates the run directory; with ``overwrite``, clears a previous run.
+  """Creates the run directory; with ``overwrite``, sets a previous run
+  aside.
 
   Args:
     workdir: the run directory.
     overwrite: allow a directory holding a previous run; every file the
-      runner wrote there (results, plots, checkpoints) is removed, so that
-      the directory shows this run alone. Other files are never removed.
+      runner wrote there (results, plots, checkpoints) is moved into
+      ``previous/``, so that the directory's top level shows this run
+      alone; :func:`drop_previous` deletes them once this run is complete.
+      Other files are never moved or removed.
 
   Returns:
     The directory as a path.
@@ -103,11 +208,8 @@ def prepare_workdir(workdir: Any, overwrite: bool) -> pathlib.Path:
   workdir = pathlib.Path(workdir)
   check_workdir(workdir, overwrite)
   workdir.mkdir(parents=True, exist_ok=True)
-  for entry in workdir.iterdir():
-    if entry.name == CHECKPOINTS:
-      shutil.rmtree(entry)
-    elif entry.name != LOCK:
-      entry.unlink()
+  if overwrite:
+    _set_aside(workdir)
   return workdir
 
 

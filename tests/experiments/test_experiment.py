@@ -120,9 +120,9 @@ def test_existing_run_dir_is_refused_without_overwrite(tmp_path, capsys):
   assert exit_info.value.code == 2
   assert "not empty" in capsys.readouterr().err
   assert (tmp_path / "old.json").read_text() == "{}"
-  # --overwrite replaces only the runner's files: a user's file is named,
-  # never deleted.
-  with pytest.raises(FileExistsError, match="also holds 1 other.*old.json"):
+  # --overwrite replaces only a previous run: a directory that never held
+  # one is refused, its files named, never deleted.
+  with pytest.raises(FileExistsError, match="never held a run.*old.json"):
     experiment.train_and_evaluate(_tiny(methods=("finetune",)), tmp_path,
                                   overwrite=True)
   assert (tmp_path / "old.json").read_text() == "{}"

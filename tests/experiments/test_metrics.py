@@ -125,3 +125,24 @@ def test_plots_leave_the_global_backend_alone():
     assert matplotlib.get_backend() == "svg"
   finally:
     matplotlib.use(before)
+
+
+def test_average_accuracy_plot_has_a_title_and_a_band_over_seeds():
+  from experiments.common import plots  # noqa: PLC0415
+
+  runs = [np.tril(np.full([3, 3], a)) for a in (0.5, 0.7, 0.9)]
+  mean = np.mean(runs, axis=0)
+  fig = plots.average_accuracy_plot(
+      [{"label": "ewc", "R": mean, "R_runs": runs},
+       {"label": "joint", "R": np.ones([3, 3]), "dashed": True}], "Average")
+  (ax,) = fig.axes[:1]
+  assert ax.get_title().startswith("Average\nmean over 1/3 seeds")
+  (band,) = ax.collections  # joint has one run: no band
+  lower, upper = band.get_paths()[0].vertices[:, 1].min(), 100 * (
+      metrics.average_accuracy_curve(mean) + np.std(
+          [metrics.average_accuracy_curve(r) for r in runs], axis=0)).max()
+  np.testing.assert_allclose(band.get_paths()[0].vertices[:, 1].max(), upper)
+  assert lower < 100 * metrics.average_accuracy_curve(mean).min()
+  one = plots.average_accuracy_plot([{"label": "ewc", "R": mean}], "Avg")
+  assert one.axes[0].get_title() == "Avg (one seed)"
+  assert not one.axes[0].collections

@@ -282,14 +282,18 @@ def test_resume_reads_finished_runs_and_refuses_other_configs(
 def test_overwrite_clears_old_checkpoints_and_keep_keeps_final_ones(tmp_path):
   stale = tmp_path / workdir_lib.CHECKPOINTS / "finetune-lam0.0-seed0" / "999"
   stale.mkdir(parents=True)
+  (tmp_path / "config.json").write_text(  # the previous run's
+      json.dumps({"config": {}, "dataset": {}}))
   config = _config(methods=("finetune",), keep_checkpoints=True)
   experiment.train_and_evaluate(config, tmp_path, dataset=_dataset(),
                                 overwrite=True,
                        )
   steps = sorted(int(p.name) for p in (stale.parent).iterdir())
   # The last two (a damaged one has one to fall back to): the end of task 3
-  # (3 x 16 steps) and the last one within it; never the stale 999.
+  # (3 x 16 steps) and the last one within it; never the stale 999, which
+  # went with the previous run (previous/, deleted once this one completed).
   assert steps == [47, 48]
+  assert not (tmp_path / workdir_lib.PREVIOUS).exists()
 
 
 def test_sigkill_mid_task_then_resume_matches_an_uninterrupted_run(tmp_path):

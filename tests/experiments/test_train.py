@@ -299,7 +299,7 @@ def test_unalias_breaks_shared_buffers():
   assert dataclasses.asdict(fresh).keys() == dataclasses.asdict(state).keys()
 
 
-def test_command_line_sets_fields_and_validation_names_them():
+def test_command_line_sets_fields_and_validation_names_them(capsys):
   _, new = main.parse([
       "--epochs", "3", "--hidden", "10,20", "--fisher-examples", "None",
       "--methods", "finetune,ewc", "--set", "lam=1,2.5", "--no-progress",
@@ -311,8 +311,12 @@ def test_command_line_sets_fields_and_validation_names_them():
   assert new.si_xi == 0.2
   with pytest.raises(ValueError, match="unknown config field 'epoch'"):
     main.parse(["--set", "epoch=3"])
-  with pytest.raises(ValueError, match="methods must be"):
+  with pytest.raises(SystemExit):  # a Literal choice: tyro, in one line
     main.parse(["--methods", "finetune,replay"])
+  assert "invalid choice 'replay' for argument '--methods'" in (
+      capsys.readouterr().err)
+  with pytest.raises(ValueError, match="methods must be"):
+    config_lib.get_config("quick").replace(methods=("finetune", "replay"))
   with pytest.raises(ValueError, match="gamma"):
     main.parse(["--gamma", "0"])
   with pytest.raises(ValueError, match="epochs must be an int"):

@@ -54,4 +54,29 @@ updates, _ = jax.jit(opt.update)(zeros, state, moved)
 # sgd(1) negates: the update is -lam * F * (moved - anchor) = -2 F.
 np.testing.assert_allclose(np.asarray(updates["w"].addressable_data(0)),
                            -2.0 * want, rtol=1e-5)
-print(f"ok process {process_id}: multi-host Fisher and pull match")
+
+# A sequence model's Fisher from process-local data: each process holds only
+# its own sequences (a host's shard of the old data) and makes the global
+# arrays with jax.make_array_from_process_local_data; the Fisher is the
+# average over ALL sequences, equal to one process's on the whole data.
+V, T = 6, 4
+emb = rng.normal(size=(V, 3)).astype(np.float32)
+lm = lambda p, t: p["e"][t] @ p["e"].T  # noqa: E731  logits [batch, T, V]
+tokens = rng.integers(0, V, (16, T)).astype(np.int32)  # the same everywhere
+keep = np.arange(T)[None] < rng.integers(1, T + 1, (16, 1))
+local = slice(8 * process_id, 8 * (process_id + 1))  # this host's half
+rows = NamedSharding(mesh, P("data"))
+glob = tuple(jax.make_array_from_process_local_data(rows, a[local])
+             for a in (tokens, keep))
+seq_params = jax.device_put({"e": emb}, replicated)
+kw = dict(estimator="sampled", rng=jax.random.key(2), batch_size=4)
+got = ewc_jax.fisher_diagonal(lm, seq_params, (glob[0], None, glob[1]),
+                              sharding=rows, **kw)
+local_device = jax.local_devices()[0]
+whole = jax.device_put((tokens, None, keep), local_device)
+want = ewc_jax.fisher_diagonal(lm, jax.device_put({"e": emb}, local_device),
+                               whole, **kw)
+np.testing.assert_allclose(np.asarray(got["e"].addressable_data(0)),
+                           np.asarray(want["e"]), rtol=1e-5, atol=1e-9)
+print(f"ok process {process_id}: multi-host Fisher and pull match; "
+      "process-local sequences == one process")

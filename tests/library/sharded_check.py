@@ -19,7 +19,7 @@ from jax.sharding import NamedSharding  # noqa: E402
 from jax.sharding import PartitionSpec as P  # noqa: E402
 
 import ewc_jax  # noqa: E402
-from ewc_jax._src import passes  # noqa: E402
+from ewc_jax._src import pass_driver  # noqa: E402
 from tests.library import models  # noqa: E402
 
 jax.config.update("jax_default_matmul_precision", "highest")
@@ -80,9 +80,9 @@ compiles = collections.Counter()
 jax.monitoring.register_event_duration_secs_listener(
     lambda name, *_, **__: compiles.update([name]))
 calls = collections.Counter()
-for name in ("sharded_fisher_program", "fisher_step"):
-  original = getattr(passes, name)
-  setattr(passes, name, lambda *a, _o=original, _n=name, **k: (
+for name in ("over_mesh", "add_chunk"):
+  original = getattr(pass_driver, name)
+  setattr(pass_driver, name, lambda *a, _o=original, _n=name, **k: (
       calls.update([_n]), _o(*a, **k))[1])
 for n in (16 * 2 + 3, 16 * 40 + 3):
   xs = np.asarray(jax.random.normal(jax.random.key(n), (n, 16)))
@@ -91,7 +91,7 @@ for n in (16 * 2 + 3, 16 * 40 + 3):
   ewc_jax.fisher_diagonal(apply_fn, params, (xs, None), batch_size=16,
                           sharding=data_sharding)
   assert compiles["/jax/core/compile/backend_compile_duration"] - before == 1
-  assert calls == {"sharded_fisher_program": 1}, calls
+  assert calls == {"over_mesh": 1}, calls
 print("ok fisher sharded: one program, compiled once per data shape")
 
 

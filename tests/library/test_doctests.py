@@ -8,7 +8,8 @@ import pytest
 # Module, and the optional package its examples need (None: the library's
 # own dependencies suffice; CI's Python 3.12 step installs only those).
 MODULES = [("ewc_jax._src.fisher", None), ("ewc_jax._src.transform", None),
-           ("ewc_jax._src.continual", None)]
+           ("ewc_jax._src.continual", None),
+           ("ewc_jax._src.hyperparams", None)]
 
 
 @pytest.mark.parametrize("name,needs", MODULES)

@@ -8,8 +8,7 @@ import pytest
 from flax import nnx
 
 import ewc_jax
-from ewc_jax._src import fast
-from ewc_jax._src import layers
+from ewc_jax._src.jaxpr import diagonal
 from tests.library import models
 
 X = jax.random.normal(jax.random.key(1), (20, 8, 8))
@@ -67,7 +66,7 @@ def fisher(apply_fn, params, estimator, path, x=X, y=Y):
 @pytest.mark.parametrize("name", list(MODELS))
 def test_fast_path_equals_vmap_path(name, estimator):
   apply_fn, params = MODELS[name]()
-  assert fast.unsupported_reason(apply_fn, params, X) is None
+  assert diagonal.unsupported_reason(apply_fn, params, X) is None
   y = jnp.minimum(Y, 2)
   want = fisher(apply_fn, params, estimator, "vmap", y=y)
   got = fisher(apply_fn, params, estimator, "fast", y=y)
@@ -76,7 +75,7 @@ def test_fast_path_equals_vmap_path(name, estimator):
 
 def test_layers_are_classified():
   apply_fn, params = MODELS["per_token_tied"]()
-  plan = layers.plan_for(apply_fn, params, jax.ShapeDtypeStruct((8, 8),
+  plan = diagonal.plan_for(apply_fn, params, jax.ShapeDtypeStruct((8, 8),
                                                            jnp.float32))
   names = [jax.tree_util.keystr(p) for p, _ in
            jax.tree_util.tree_flatten_with_path(params)[0]]
@@ -89,15 +88,31 @@ def test_layers_are_classified():
           "['scale']"} <= material
 
 
-def test_unknown_layer_falls_back_and_still_matches():
+def test_a_scan_is_one_material_layer_and_matches():
+  # Parameters used inside lax.scan: the whole scan is one layer whose
+  # per-example gradient comes from one VJP of it.
   apply_fn, params = models.linen_apply(Recurrent(), X[:1])
-  reason = fast.unsupported_reason(apply_fn, params, X)
-  assert reason is not None and "scan" in reason
+  assert diagonal.unsupported_reason(apply_fn, params, X) is None
+  plan = diagonal.plan_for(apply_fn, params,
+                           jax.ShapeDtypeStruct((8, 8), jnp.float32))
+  assert "scan" in {plan.layers[j].primitive for j in plan.material_layers}
+  for estimator in ("exact", "sampled"):
+    chex.assert_trees_all_close(fisher(apply_fn, params, estimator, "fast"),
+                                fisher(apply_fn, params, estimator, "vmap"),
+                                rtol=1e-5, atol=1e-9)
+
+
+def test_pytree_inputs_fall_back_to_vmap():
+  apply_fn = lambda p, xs: xs["a"] @ p["w"] + xs["b"] @ p["w"]  # noqa: E731
+  params = {"w": jax.random.normal(jax.random.key(0), (8, 3))}
+  inputs = {"a": X[:, 0], "b": X[:, 1]}
+  assert "pytree" in diagonal.unsupported_reason(apply_fn, params, inputs)
   with pytest.raises(ValueError, match='path="fast" cannot handle'):
-    fisher(apply_fn, params, "exact", "fast")
-  chex.assert_trees_all_close(fisher(apply_fn, params, "exact", "auto"),
-                              fisher(apply_fn, params, "exact", "vmap"),
-                              rtol=1e-6)
+    fisher(apply_fn, params, "exact", "fast", x=inputs)
+  chex.assert_trees_all_close(fisher(apply_fn, params, "exact", "auto",
+                                     x=inputs),
+                              fisher(apply_fn, params, "exact", "vmap",
+                                     x=inputs), rtol=1e-6)
 
 
 def test_bfloat16_model_fast_path_accumulates_in_float32():

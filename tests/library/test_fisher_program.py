@@ -11,8 +11,8 @@ from flax import nnx
 
 import ewc_jax
 from ewc_jax._src import chunking
-from ewc_jax._src import fast
-from ewc_jax._src import passes
+from ewc_jax._src import pass_driver
+from ewc_jax._src.jaxpr import diagonal
 from tests.library import models
 from tests.library.test_fisher import closed_form
 from tests.library.test_fisher import linear_softmax
@@ -51,10 +51,11 @@ def test_array_pass_compiles_once_and_runs_as_one_program(monkeypatch):
     calls["apply_fn"] += 1  # Python-level: only while tracing
     return apply_fn(p, x)
 
-  for name in ("fisher_program", "fisher_step"):
-    original = getattr(passes, name)
-    monkeypatch.setattr(passes, name, lambda *a, _o=original, _n=name, **k: (
-        calls.update([_n]), _o(*a, **k))[1])
+  for name in ("over_arrays", "add_chunk"):
+    original = getattr(pass_driver, name)
+    monkeypatch.setattr(pass_driver, name,
+                        lambda *a, _o=original, _n=name, **k: (
+                            calls.update([_n]), _o(*a, **k))[1])
   kw = dict(estimator="exact", batch_size=8, path="fast")
   ewc_jax.fisher_diagonal(counted_apply, params, _data(16), **kw)  # warm up
   for n in (8 * 2 + 3, 8 * 40 + 3):  # 3 chunks, then 41 (the last padded)
@@ -65,7 +66,7 @@ def test_array_pass_compiles_once_and_runs_as_one_program(monkeypatch):
     # One new program for the new data shape, whatever the number of chunks;
     # apply_fn traced a fixed number of times; no per-chunk step dispatched.
     assert COUNTS.compiles() - before == 1
-    assert calls["fisher_program"] == 1 and calls["fisher_step"] == 0
+    assert calls["over_arrays"] == 1 and calls["add_chunk"] == 0
     traces = calls["apply_fn"]
     if n == 8 * 2 + 3:
       traces_first = traces
@@ -73,11 +74,11 @@ def test_array_pass_compiles_once_and_runs_as_one_program(monkeypatch):
   calls.clear()
   before = COUNTS.compiles()
   ewc_jax.fisher_diagonal(counted_apply, params, data, **kw)
-  assert COUNTS.compiles() == before and calls["fisher_program"] == 1
+  assert COUNTS.compiles() == before and calls["over_arrays"] == 1
   # A stream dispatches one step per chunk.
   x, y = _data(8 * 5)
   ewc_jax.fisher_diagonal(counted_apply, params, [(x, y)], **kw)
-  assert calls["fisher_step"] == 5
+  assert calls["add_chunk"] == 5
 
 
 @pytest.mark.parametrize("path", ["fast", "vmap"])
@@ -154,11 +155,15 @@ def test_custom_derivative_mixing_params_and_inputs_is_honoured(kind):
   apply_fn = _straight_through(kind)
   params = {"w": 2.0 * jax.random.normal(jax.random.key(0), (5, 3))}
   x, y = _data(12, d=5)
-  assert "custom" in fast.unsupported_reason(apply_fn, params, x)
-  got = ewc_jax.fisher_diagonal(apply_fn, params, (x, y), batch_size=4)
+  # The layer-wise path takes the custom call whole, as a layer whose
+  # per-example gradient comes from its own rule (never its primal's).
+  assert diagonal.unsupported_reason(apply_fn, params, x) is None
   want = loop_reference(apply_fn, params, x, y, "exact")
   assert float(jnp.sum(want["w"])) > 0.1
-  chex.assert_trees_all_close(got, want, rtol=1e-5)
+  for path in ("fast", "vmap"):
+    got = ewc_jax.fisher_diagonal(apply_fn, params, (x, y), batch_size=4,
+                                  path=path)
+    chex.assert_trees_all_close(got, want, rtol=1e-5)
 
 
 def test_integer_params_are_refused_by_path():

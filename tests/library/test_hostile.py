@@ -183,3 +183,102 @@ def test_continual_fine_tune_refuses_nan_data_and_warns_on_divergence():
   with pytest.warns(RuntimeWarning, match="loss became non-finite at step"):
     continual_fine_tune(loss, {"w": jnp.array(1.0)}, None, new * 1e20,
                         optimizer=optax.sgd(1e10), **kw)
+
+
+# The hostile pass of issue 22 (docs/hostile_inputs.md, its library rows):
+# each test failed on the code before its fix.
+
+
+@pytest.mark.parametrize("bad", [-3.0, float("nan"), 1.5])
+def test_a_gamma_set_outside_0_1_is_refused_at_consolidation(bad):
+  opt = optax.chain(ewc_jax.ewc(1.0, mode="online"), optax.sgd(1.0))
+  st = optax.tree_utils.tree_set(opt.init(PARAMS), gamma=jnp.float32(bad))
+  fisher = jax.tree.map(jnp.ones_like, PARAMS)
+  with pytest.raises(ValueError, match=r"EWCState.gamma must be a finite "
+                                       r"number in \[0, 1\]"):
+    ewc_jax.consolidate(st, PARAMS, fisher)
+  # Under jit, where it cannot raise, the curvature turns to nan.
+  poisoned = jax.jit(ewc_jax.consolidate)(st, PARAMS, fisher)
+  assert np.all(np.isnan(np.asarray(poisoned[0].curvature["w"])))
+
+
+def test_a_kfac_gamma_set_outside_0_1_is_refused_at_consolidation():
+  curv = ewc_jax.kfac_fisher(APPLY, PARAMS, (X, None))
+  opt = optax.chain(ewc_jax.kfac_ewc(1.0, curv.layers), optax.sgd(1.0))
+  st = optax.tree_utils.tree_set(opt.init(PARAMS), kfac_gamma=-3.0)
+  with pytest.raises(ValueError, match="kfac_gamma must be a finite number"):
+    ewc_jax.kfac_consolidate(st, PARAMS, curv)
+
+
+def test_a_prefix_mask_as_documented():
+  params = {"enc": {"w": jnp.ones((3, 2)), "b": jnp.ones(2)},
+            "head": {"w": jnp.ones((2, 2))}}
+  fisher = jax.tree.map(jnp.ones_like, params)
+  moved = jax.tree.map(lambda p: p + 1.0, params)
+  zeros = jax.tree.map(jnp.zeros_like, params)
+  for tx in (ewc_jax.ewc(2.0, mask={"enc": True, "head": False}),
+             optax.masked(ewc_jax.ewc(2.0), {"enc": True, "head": False})):
+    st = ewc_jax.consolidate(tx.init(params), params, fisher)
+    u, _ = tx.update(zeros, st, moved)
+    np.testing.assert_allclose(u["enc"]["w"], 2.0 * np.ones((3, 2)))
+    np.testing.assert_allclose(u["head"]["w"], np.zeros((2, 2)))
+    np.testing.assert_allclose(ewc_jax.penalty(moved, st, lam=2.0), 8.0)
+
+
+def test_flax_serialization_round_trips_ewc_and_kfac_states():
+  serialization = pytest.importorskip("flax.serialization")
+  fisher = jax.tree.map(jnp.ones_like, PARAMS)
+  opt = optax.chain(ewc_jax.ewc(1.0, mode="online"), optax.adam(1e-3))
+  st = ewc_jax.consolidate(opt.init(PARAMS), PARAMS, fisher)
+  back = serialization.from_bytes(opt.init(PARAMS),
+                                  serialization.to_bytes(st))
+  assert jax.tree.structure(back) == jax.tree.structure(st)
+  assert back[0].mode == "online"
+  np.testing.assert_array_equal(back[0].curvature["w"], st[0].curvature["w"])
+  curv = ewc_jax.kfac_fisher(APPLY, PARAMS, (X, None))
+  kopt = optax.chain(ewc_jax.kfac_ewc(1.0, curv.layers), optax.sgd(0.1))
+  ks = ewc_jax.kfac_consolidate(kopt.init(PARAMS), PARAMS, curv)
+  kback = serialization.from_bytes(kopt.init(PARAMS),
+                                   serialization.to_bytes(ks))
+  assert jax.tree.structure(kback) == jax.tree.structure(ks)
+  np.testing.assert_array_equal(kback[0].a[0], ks[0].a[0])
+
+
+def test_mas_on_a_dict_output_names_it():
+  apply = lambda p, x: {"logits": x @ p["w"], "aux": x}  # noqa: E731
+  with pytest.raises(ValueError, match=r"got a dict with keys \['aux', "
+                                       r"'logits'\]: pick the output"):
+    ewc_jax.mas_importance(apply, PARAMS, X)
+
+
+def test_batched_on_a_stream_equals_the_arrays():
+  x = jax.random.normal(jax.random.key(0), (9, 3))
+  y = jax.random.randint(jax.random.key(1), (9,), 0, 2)
+  kw = dict(estimator="batched", batch_size=4)
+  arrays = ewc_jax.fisher_diagonal(APPLY, PARAMS, (x, y), **kw)
+  stream = ewc_jax.fisher_diagonal(
+      APPLY, PARAMS, [(x[:5], y[:5]), (x[5:], y[5:])], **kw)
+  for a, b in zip(jax.tree.leaves(arrays), jax.tree.leaves(stream)):
+    np.testing.assert_allclose(a, b, rtol=1e-6)
+
+
+def test_an_apply_fn_with_fewer_rows_than_inputs_is_refused():
+  apply = lambda p, x: (x @ p["w"] + p["b"])[:-1]  # noqa: E731
+  with pytest.raises(ValueError, match="returned 5 rows of logits for 6 "
+                                       "inputs"):
+    ewc_jax.fisher_diagonal(apply, PARAMS, (X, None))
+
+
+def test_lookahead_takes_its_fast_params_and_names_the_mix_up():
+  la = optax.lookahead(optax.chain(ewc_jax.ewc(1.0), optax.sgd(0.1)),
+                       sync_period=2, slow_step_size=0.5)
+  lp = optax.LookaheadParams.init_synced(PARAMS)
+  fisher = jax.tree.map(jnp.ones_like, PARAMS)
+  with pytest.raises(ValueError, match=r"optax.LookaheadParams: pass "
+                                       r"\.fast"):
+    ewc_jax.consolidate(la.init(lp), lp, fisher)
+  st = ewc_jax.consolidate(la.init(lp), lp.fast, fisher)
+  moved = optax.LookaheadParams(jax.tree.map(lambda p: p + 1.0, PARAMS),
+                                PARAMS)
+  u, _ = jax.jit(la.update)(jax.tree.map(jnp.zeros_like, PARAMS), st, moved)
+  np.testing.assert_allclose(u.fast["w"], -0.1 * np.ones((3, 2)))

@@ -28,6 +28,19 @@ def test_sharded_fisher_and_train_step_match_single_device():
     assert any(line.startswith(check) for line in lines), check
 
 
+def test_sequence_fisher_and_pull_on_8_devices_with_sharded_params():
+  env = dict(os.environ, PYTHONPATH=str(ROOT),
+             XLA_FLAGS="--xla_force_host_platform_device_count=8")
+  proc = subprocess.run([sys.executable, str(ROOT / "tests" / "library" /
+                                             "sequence_sharded_check.py")],
+                        capture_output=True, text=True, env=env, timeout=600)
+  assert proc.returncode == 0, proc.stdout + proc.stderr
+  lines = proc.stdout.splitlines()
+  assert sum("sharded (FSDP + TP) == single" in line for line in lines) == 3
+  for check in ("ok sequence fisher stream", "ok sequence ewc"):
+    assert any(line.startswith(check) for line in lines), check
+
+
 def test_two_processes_on_loopback_share_the_fisher_and_the_pull():
   with socket.socket() as sock:  # a free port on loopback
     sock.bind(("127.0.0.1", 0))
@@ -48,3 +61,4 @@ def test_two_processes_on_loopback_share_the_fisher_and_the_pull():
   for i, (proc, out) in enumerate(zip(procs, outs)):
     assert proc.returncode == 0, out
     assert f"ok process {i}" in out
+    assert "process-local sequences == one process" in out

@@ -1,7 +1,7 @@
 """The layer-wise fast path: per-example squared-gradient sums of a chunk.
 
-``layers.py`` traces ``apply_fn`` once per example and finds its layers;
-here a chunk of examples goes through it in three steps:
+``jaxpr/diagonal.py`` traces ``apply_fn`` once per example and finds its
+layers; here a chunk of examples goes through it in three steps:
 
 1. one forward pass and one VJP per cotangent give each layer's recorded
    inputs (``acts``) and output gradients (``deltas``) per example;
@@ -14,24 +14,17 @@ Padding rows are copies of a real example (never zeros, which a model such
 as ``x / ||x||`` cannot take) and their weights are zeroed with ``where``.
 """
 
-from typing import Optional
-
 import jax
 import jax.numpy as jnp
 import numpy as np
 
-from ewc_jax._src import layers as layers_lib
-from ewc_jax._src import likelihood
-
-
-def unsupported_reason(apply_fn, params, inputs) -> Optional[str]:
-  """None when the fast path handles this model, else why it does not."""
-  return layers_lib.unsupported_reason(apply_fn, params, inputs)
+from ewc_jax._src import estimators
+from ewc_jax._src.jaxpr import diagonal
 
 
 def example_bytes(apply_fn, params, example, num_cotangents: int) -> int:
   """Estimated float32 temporaries per example of this path (for plans)."""
-  plan = layers_lib.plan_for(apply_fn, params, example)
+  plan = diagonal.plan_for(apply_fn, params, example)
   outs = sum(a.size for layer in plan.layers for a in layer.out_avals)
   leaves = jax.tree.leaves(params)
   material = sum(int(np.prod(jnp.shape(leaves[leaf])))
@@ -40,15 +33,15 @@ def example_bytes(apply_fn, params, example, num_cotangents: int) -> int:
 
 
 def chunk_sum(apply_fn, estimator, num_samples, params, inputs, labels, keys,
-              mask, chunk_plan):
+              mask, token_mask, chunk_plan):
   """``sum_i sum_k w_ik g_ik^2`` over a chunk, by the layer-wise identities.
 
-  Same contract as ``likelihood.vmap_chunk_sum``: ``mask`` boolean, float32
+  Same contract as ``per_example.chunk_sum``: ``mask`` boolean, float32
   result shaped like ``params``. The chunk goes through in sub-chunks of
   ``chunk_plan.sub_chunk`` (cache-sized on CPU, the whole chunk on an
   accelerator), carried and indexed (faster than a scanned slice on CPU).
   """
-  plan = layers_lib.plan_for(
+  plan = diagonal.plan_for(
       apply_fn, params, jax.ShapeDtypeStruct(inputs.shape[1:], inputs.dtype))
   leaves = jax.tree.leaves(params)
   size = chunk_plan.sub_chunk
@@ -57,6 +50,7 @@ def chunk_sum(apply_fn, estimator, num_samples, params, inputs, labels, keys,
     take = lambda a: jax.lax.dynamic_slice_in_dim(a, i * size, size)  # noqa
     part = sub_chunk_sum(plan, leaves, estimator, num_samples, take(inputs),
                          take(labels), take(keys), take(mask),
+                         jax.tree.map(take, token_mask),
                          chunk_plan.loop_examples)
     return [a + b for a, b in zip(acc, part)]
 
@@ -66,12 +60,18 @@ def chunk_sum(apply_fn, estimator, num_samples, params, inputs, labels, keys,
   return jax.tree.unflatten(plan.treedef, out)
 
 
+def _f32(x):
+  """Floating activations as float32; integer ones (token ids, indices, a
+  ``select_n`` predicate) as they are: they index, they are not scaled."""
+  return x.astype(jnp.float32) if jnp.issubdtype(x.dtype, jnp.floating) else x
+
+
 def _where_rows(mask, x):
   return jnp.where(mask.reshape((-1,) + (1,) * (x.ndim - 1)), x, 0)
 
 
 def layer_signals(plan, leaves, estimator, num_samples, inputs, labels, keys,
-                  mask):
+                  mask, token_mask):
   """Per example: each layer's inputs, output gradients per cotangent, weights.
 
   Returns:
@@ -79,22 +79,15 @@ def layer_signals(plan, leaves, estimator, num_samples, inputs, labels, keys,
     ``[B, ...]``, ``deltas[j]`` its output gradients ``[B, K, ...]``, ``w``
     the cotangent weights ``[B, K]``, zero (by ``where``) for padding.
   """
-  zero_perts = [[jnp.zeros(a.shape, a.dtype) for a in layer.out_avals]
+  zero_perts = [[jnp.zeros(a.shape, a.dtype) for a in layer.pert_avals]
                 for layer in plan.layers]
-  infos = [layers_lib.Info(layers_lib.PARAM, frozenset([i]), True)
-           for i in range(len(leaves))] + [layers_lib.Info(layers_lib.ACT)]
 
-  def per_example(x, y, key):
-    def forward(perts):
-      interp = layers_lib.Interpreter("forward", perts=perts)
-      (logits,), _ = interp.run(plan.jaxpr, plan.consts,
-                                list(leaves) + [x], infos)
-      return logits, interp.recorded
+  def per_example(x, y, key, tm):
+    return estimators.backprop_cotangents(
+        lambda perts: diagonal.forward(plan, leaves, x, perts), zero_perts,
+        estimator, y, key, num_samples, tm)
 
-    return likelihood.backprop_cotangents(forward, zero_perts, y, key,
-                                          estimator, num_samples)
-
-  acts, deltas, w = jax.vmap(per_example)(inputs, labels, keys)
+  acts, deltas, w = jax.vmap(per_example)(inputs, labels, keys, token_mask)
   # Padding rows copy a real example, so their signals are finite whenever
   # the real ones are, and a zero weight removes them exactly.
   return acts, deltas, _where_rows(mask, w)
@@ -103,8 +96,7 @@ def layer_signals(plan, leaves, estimator, num_samples, inputs, labels, keys,
 def _identity_sums(plan, f32_leaves, acts, deltas, w):
   """Single-product layers: one VJP with squared inputs and gradients."""
   ids = plan.identity_layers
-  sq_acts = [[jnp.square(a.astype(jnp.float32)) for a in layer]
-             for layer in acts]
+  sq_acts = [[jnp.square(_f32(a)) for a in layer] for layer in acts]
   d2 = [[jnp.einsum("bk,bk...->b...", w, jnp.square(d.astype(jnp.float32)))
          for d in deltas[j]] for j in ids]
 
@@ -112,7 +104,7 @@ def _identity_sums(plan, f32_leaves, acts, deltas, w):
     lv = list(f32_leaves)
     for leaf, x in zip(plan.identity_leaves, sub):
       lv[leaf] = x
-    return jax.vmap(lambda a: [layers_lib.cut(plan, lv, a)[j] for j in ids])(
+    return jax.vmap(lambda a: [diagonal.cut(plan, lv, a)[j] for j in ids])(
         sq_acts)
 
   _, vjp = jax.vjp(layer_outs,
@@ -139,8 +131,8 @@ def _material_sums(plan, f32_leaves, acts, deltas, w, loop_examples):
       lv = list(f32_leaves)
       for leaf, x in zip(plan.material_leaves, sub):
         lv[leaf] = x
-      acts32 = [[v.astype(jnp.float32) for v in layer] for layer in a]
-      outs = layers_lib.cut(plan, lv, acts32)
+      acts32 = [[_f32(v) for v in layer] for layer in a]
+      outs = diagonal.cut(plan, lv, acts32)
       return [outs[j] for j in mids]
     return jax.vjp(layer_outs, sub)[1]
 
@@ -174,10 +166,10 @@ def _material_sums(plan, f32_leaves, acts, deltas, w, loop_examples):
 
 
 def sub_chunk_sum(plan, leaves, estimator, num_samples, inputs, labels, keys,
-                  mask, loop_examples=False):
+                  mask, token_mask=None, loop_examples=False):
   """One sub-chunk's ``sum_i sum_k w_ik g_ik^2`` as a list of leaves."""
   acts, deltas, w = layer_signals(plan, leaves, estimator, num_samples,
-                                  inputs, labels, keys, mask)
+                                  inputs, labels, keys, mask, token_mask)
   f32_leaves = [jnp.asarray(p, jnp.float32) for p in leaves]
   out = [jnp.zeros(jnp.shape(p), jnp.float32) for p in leaves]
   if plan.identity_layers:

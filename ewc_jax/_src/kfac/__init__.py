@@ -1,0 +1,3 @@
+"""Kronecker-factored EWC: curvature (``fisher``), ``[W; b]`` packing,
+penalty, the optax state and pull (``state``, ``transform``), and
+consolidation (``consolidate``)."""
