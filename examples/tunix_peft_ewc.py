@@ -40,8 +40,6 @@ from tunix.sft import peft_trainer
 import ewc_jax
 from experiments.continual_lm import corpora
 from experiments.continual_lm import family
-# The sequence Fisher; ewc_jax.fisher_diagonal once the library has it.
-from experiments.continual_lm import fisher as fisher_lib
 from experiments.continual_lm import tokenizer as tok_lib
 
 
@@ -112,7 +110,7 @@ def consolidate(trainer: peft_trainer.PeftTrainer, old: np.ndarray, *,
   """
   graphdef, params, rest = trained_params(trainer.model)
   apply_fn = family.make_apply_fn(graphdef, rest)
-  fisher = fisher_lib.fisher_diagonal(
+  fisher = ewc_jax.fisher_diagonal(
       apply_fn, params, (old[:, :-1], None, None), estimator="sampled",
       rng=rng, batch_size=batch_size)
   trainer.optimizer.opt_state = ewc_jax.consolidate(

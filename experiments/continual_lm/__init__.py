@@ -3,7 +3,7 @@
 ``python -m experiments.continual_lm --help`` lists every setting. Modules:
 ``config`` (settings, presets), ``corpora`` (offline texts), ``tokenizer``
 (byte-level BPE), ``family`` (Qwen3 on tunix: Hugging Face checkpoints in
-and out), ``fisher`` (the sequence Fisher), ``trainer`` (the training loop),
+and out), ``trainer`` (the training loop on ewc_jax's pieces),
 ``progress`` (the job's bars), ``experiment`` (the phases), ``results``
 (files), ``main`` (the command line).
 """

@@ -44,11 +44,11 @@ import jax.numpy as jnp
 import numpy as np
 import optax
 
+import ewc_jax
 from experiments.common import files
 from experiments.common import tracking
 from experiments.continual_lm import corpora
 from experiments.continual_lm import family
-from experiments.continual_lm import fisher as fisher_lib
 from experiments.continual_lm import progress as progress_lib
 from experiments.continual_lm import tokenizer as tok_lib
 from experiments.continual_lm import trainer
@@ -348,7 +348,7 @@ def importances(config: Config, run_dir: RunDir, full, lora, data,
       forward = _forward(sp.graphdef)
       apply_fn = lambda p, x, f=forward, r=sp.rest: f(p, r, x)  # noqa: E731
       start = time.perf_counter()
-      value = jax.block_until_ready(fisher_lib.fisher_diagonal(
+      value = jax.block_until_ready(ewc_jax.fisher_diagonal(
           apply_fn, sp.trainable, (a[:, :-1], a[:, 1:], None),
           estimator=estimator, rng=jax.random.key(config.seed),
           num_samples=config.fisher_samples,

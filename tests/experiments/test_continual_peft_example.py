@@ -72,7 +72,7 @@ def test_peft_trainer_with_ewc_resumes_its_ewc_state(tmp_path, lora):
   assert penalty > 0
   # The penalty is (lam / 2) sum F (theta - theta*)^2 at the start's
   # weights with the Fisher of the old data.
-  fisher = example.fisher_lib.fisher_diagonal(
+  fisher = ewc_jax.fisher_diagonal(
       family.make_apply_fn(*example.trained_params(model())[::2]), params0,
       (old[:, :-1], None, None), estimator="sampled",
       rng=jax.random.key(0), batch_size=16)
