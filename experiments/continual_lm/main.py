@@ -109,10 +109,11 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
                                             dtype=config.dtype)
       family.check_tensors(config.model_dir, model_config)
       longest = hf.get("max_position_embeddings")
-      if isinstance(longest, int) and config.seq_len + 1 > longest:
+      if isinstance(longest, int) and config.seq_len > longest:
         raise ValueError(
-            f"--seq-len {config.seq_len}: sequences of seq_len + 1 tokens "
-            f"exceed the checkpoint's max_position_embeddings {longest}.")
+            f"--seq-len {config.seq_len}: the model would read more "
+            f"positions than the checkpoint's max_position_embeddings "
+            f"{longest}.")
     family.make_mesh(config.mesh)
     experiment.load_texts(config)  # bad corpora fail before any training
   except (ValueError, ImportError, OSError) as e:
