@@ -35,7 +35,9 @@ from ewc_jax._src import per_example
 class PerRow:
   """Normalised per row (example); sums in float32 like the params."""
 
-  reduce_at_end = True
+  @property
+  def reduce_at_end(self) -> bool:
+    return True
 
   def zeros(self, params):
     return zeros_f32(params)

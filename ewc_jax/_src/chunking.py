@@ -158,7 +158,7 @@ def leading_size(batch: Any, name: str) -> int:
         f"every array in a batch of {name} needs the same leading (example) "
         f"axis; got leading sizes {sorted(s for s in sizes if s is not None)}"
         f"{' and a scalar' if None in sizes else ''}.")
-  return sizes.pop()
+  return next(s for s in sizes if s is not None)
 
 
 def pad_rows(x, size: int):
@@ -319,8 +319,8 @@ def stack_on_mesh(x, rows: int, size: int, sharding: Any) -> jax.Array:
         "mesh: put them on that mesh (jax.device_put) or pass NumPy arrays.")
   host = np.asarray(x)
   m = -(-rows // size)
-  idx = np.arange(m * size)
-  idx = np.where(idx < rows, idx, 0).reshape(m, size)
+  flat = np.arange(m * size)
+  idx = np.where(flat < rows, flat, 0).reshape(m, size)
   target = NamedSharding(sharding.mesh, chunks_spec(sharding))
 
   def shard(index):

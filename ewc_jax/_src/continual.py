@@ -185,7 +185,7 @@ def continual_fine_tune(
   for name, value in (("batch_size", batch_size), ("num_steps", num_steps),
                       ("fisher_batch_size", fisher_batch_size),
                       ("fisher_examples", fisher_examples)):
-    validate.positive_int(name, value, optional=True)
+    validate.positive_int_or_none(name, value)
   if batch_size > n:
     raise ValueError(f"batch_size ({batch_size}) exceeds the {n} examples "
                      "of new_data.")
@@ -202,8 +202,8 @@ def continual_fine_tune(
       raise ValueError(f"old_data: {e}") from e
   if opt_state is None:
     opt_state = tx.init(params)
-  elif (jax.tree.structure(opt_state)
-        != jax.tree.structure(jax.eval_shape(tx.init, params))):
+  elif not tree_lib.same_structure(opt_state,
+                                   jax.eval_shape(tx.init, params)):
     raise ValueError("opt_state is not a state of continual_fine_tune's "
                      "chain (ewc_jax.ewc(lam, mask=mask) with lam injected, "
                      "then optimizer) for these params; pass a previous "

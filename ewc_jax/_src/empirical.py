@@ -75,7 +75,7 @@ def empirical_fisher(
   """
   est = estimators.get(estimator, LOSS_ESTIMATORS)
   tree_lib.check_floating("params", params)
-  validate.positive_int("num_examples", num_examples, optional=True)
+  validate.positive_int_or_none("num_examples", num_examples)
   per = 8 * tree_lib.num_params(params)
   shards = pass_driver.num_shards(sharding)
   fn = chunk_sums.LossSums(loss_fn, est)

@@ -177,6 +177,9 @@ def log_likelihood_cotangents(estimator: Estimator, logits, labels, key,
     ``(u, w)``: cotangents ``[K, *positions, C]`` and weights ``[K]``,
     float32.
   """
+  if estimator.cotangents is None:
+    raise ValueError(f'estimator="{estimator.name}" is not a per-example '
+                     "estimator: it has no cotangents.")
   logits = logits.astype(jnp.float32)
   probs = jax.nn.softmax(logits)
   return estimator.cotangents(logits, probs, labels, key, num_samples, mask)

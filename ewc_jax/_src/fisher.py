@@ -237,7 +237,7 @@ def _check_arguments(est, path, rng, num_samples, num_examples):
           "a jax.random key.")
     validate.check_key("rng", rng)
     validate.positive_int("num_samples", num_samples)
-  validate.positive_int("num_examples", num_examples, optional=True)
+  validate.positive_int_or_none("num_examples", num_examples)
 
 
 def _is_batch(data) -> bool:

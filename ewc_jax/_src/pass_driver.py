@@ -92,6 +92,12 @@ def row_keys(key, rows):
   return jax.vmap(lambda r: jax.random.fold_in(key, r))(rows)
 
 
+def _required(value, what):
+  if value is None:
+    raise ValueError(f"this program needs the job's {what}.")
+  return value
+
+
 def _labels_and_real(fn, data, rows_real):
   """The labels to check and where they count (``None``: no labels)."""
   found = fn.labels(data)
@@ -129,7 +135,7 @@ def over_arrays(job: Job, params, data, key):
   Returns:
     ``(sums / n, summary)``.
   """
-  fn, n = job.fn, job.n
+  fn, n = job.fn, _required(job.n, "n")
   sums = _loop(lambda c, m, k: fn(params, c, m, k), data, key, n, job.size,
                fn.zeros(params))
   divisor = fn.divisor(data, n)
@@ -151,9 +157,9 @@ def _stacked(tree, job):
   """Raw arrays stacked in the program (``job.rows`` given) or as they are."""
   if job.rows is None:
     return tree
-  total = job.size * chunking.num_shards(job.sharding)
-  target = NamedSharding(job.sharding.mesh,
-                         chunking.chunks_spec(job.sharding))
+  sharding = _required(job.sharding, "sharding")
+  total = job.size * chunking.num_shards(sharding)
+  target = NamedSharding(sharding.mesh, chunking.chunks_spec(sharding))
   return jax.lax.with_sharding_constraint(
       jax.tree.map(lambda x: chunking.stack(x, job.rows, total), tree),
       target)
@@ -178,7 +184,8 @@ def over_mesh(job: Job, params, acc, data, key, first_row, count, divisor):
   Returns:
     ``(sums or their mean, summary)``.
   """
-  fn, size, sharding = job.fn, job.size, job.sharding
+  fn, size = job.fn, job.size
+  sharding = _required(job.sharding, "sharding")
   axes = chunking.data_axes(sharding)
   total = size * chunking.num_shards(sharding)
   data = _stacked(data, job)
@@ -222,7 +229,8 @@ def over_global(job: Job, params, acc, data, key, first_row, count,
   Arguments as :func:`over_mesh`'s. Each chunk's rows are constrained to
   the data axes, the running sums to the parameters' shardings.
   """
-  fn, sharding = job.fn, job.sharding
+  fn = job.fn
+  sharding = _required(job.sharding, "sharding")
   total = job.size * chunking.num_shards(sharding)
   data = _stacked(data, job)
   rows_split = NamedSharding(sharding.mesh, PartitionSpec(

@@ -128,8 +128,8 @@ def check_same_structure(name_a: str, a: Any, name_b: str, b: Any, *,
 
 def value(x: Any) -> Any:
   """An array, or the one leaf of a wrapper around it (an NNX variable)."""
-  leaves, treedef = jax.tree.flatten(x)
-  if treedef.num_nodes == 1 or len(leaves) != 1:  # a leaf itself, or many
+  leaves = jax.tree.leaves(x)
+  if len(leaves) != 1 or leaves[0] is x:  # many leaves, or a leaf itself
     return x
   return leaves[0]
 
@@ -139,6 +139,12 @@ def rewrap(old: Any, new: Any) -> Any:
   if value(old) is old:
     return new
   return jax.tree.unflatten(jax.tree.structure(old), [new])
+
+
+def same_structure(a: Any, b: Any) -> bool:
+  """Whether two pytrees have the same structure (node types included)."""
+  ta: Any = jax.tree.structure(a)
+  return bool(ta == jax.tree.structure(b))
 
 
 def is_tracer(x: Any) -> bool:

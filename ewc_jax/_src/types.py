@@ -5,7 +5,8 @@ at run time (``typing.get_args`` of the alias), so the two never disagree.
 The estimators' Literal lives with their table (``estimators.py``).
 """
 
-from typing import Literal, NamedTuple, get_args
+import collections
+from typing import Any, Literal, get_args
 
 from ewc_jax._src.estimators import EstimatorName
 
@@ -18,32 +19,31 @@ Mode = Literal["separate", "online"]
 MODE_NAMES: tuple[str, ...] = get_args(Mode)
 
 
-def _tag_methods(name: str) -> dict:
+# A state's mode must be static (``consolidate`` branches on it in Python;
+# ``jit`` sees it in the state's tree structure), and a namedtuple without
+# fields is what every pytree serialiser keeps: ``flax.serialization`` and
+# orbax restore it from the target's structure. Each tag equals its string.
+SeparateMode = collections.namedtuple("SeparateMode", [])
+OnlineMode = collections.namedtuple("OnlineMode", [])
+
+
+def _stands_for(cls: type, name: str) -> None:
   def eq(self, other):
     return isinstance(other, (str, SeparateMode, OnlineMode)) and (
         str(other) == name)
-  return {"__eq__": eq, "__ne__": lambda self, other: not eq(self, other),
-          "__hash__": lambda self: hash(name), "__str__": lambda self: name,
-          "__repr__": lambda self: repr(name)}
+
+  for attr, fn in {"__eq__": eq, "__ne__": lambda s, o: not eq(s, o),
+                   "__hash__": lambda s: hash(name),
+                   "__str__": lambda s: name,
+                   "__repr__": lambda s: repr(name)}.items():
+    setattr(cls, attr, fn)
+  cls.__doc__ = f'``mode="{name}"`` as static pytree structure (no leaves).'
 
 
-class SeparateMode(NamedTuple):
-  """``mode="separate"`` as pytree structure: a node with no leaves.
-
-  A state's mode must be static (``consolidate`` branches on it in Python;
-  ``jit`` sees it in the state's tree structure), and a leafless NamedTuple
-  is what every pytree serialiser keeps: ``flax.serialization`` and orbax
-  restore it from the target's structure. It equals the string
-  ``"separate"``.
-  """
-  locals().update(_tag_methods("separate"))
+_stands_for(SeparateMode, "separate")
+_stands_for(OnlineMode, "online")
 
 
-class OnlineMode(NamedTuple):
-  """``mode="online"`` as pytree structure (see :class:`SeparateMode`)."""
-  locals().update(_tag_methods("online"))
-
-
-def mode_tag(mode: str):
+def mode_tag(mode: str) -> Any:
   """The static tag of ``mode`` (``"separate"`` or ``"online"``)."""
   return SeparateMode() if mode == "separate" else OnlineMode()

@@ -20,19 +20,23 @@ def _is_array(x: Any) -> bool:
   return isinstance(x, (jax.Array, np.ndarray, np.generic))
 
 
-def positive_int(name: str, value: Any, *, optional: bool = False
-                 ) -> Optional[int]:
-  """``value`` as an int (NumPy integers accepted), else a ValueError.
-
-  With ``optional``, ``None`` passes through.
-  """
-  if value is None and optional:
-    return None
+def positive_int(name: str, value: Any) -> int:
+  """``value`` as an int (NumPy integers accepted), else a ValueError."""
   if isinstance(value, bool) or not isinstance(value, numbers.Integral) or (
       value < 1):
-    raise ValueError(f"{name} must be {'None or ' if optional else ''}a "
-                     f"positive int, got {value!r}.")
+    raise ValueError(f"{name} must be a positive int, got {value!r}.")
   return int(value)
+
+
+def positive_int_or_none(name: str, value: Any) -> Optional[int]:
+  """``None``, or ``value`` as a positive int (else a ValueError)."""
+  if value is None:
+    return None
+  try:
+    return positive_int(name, value)
+  except ValueError:
+    raise ValueError(f"{name} must be None or a positive int, got "
+                     f"{value!r}.") from None
 
 
 def choice(name: str, value: Any, options: Sequence[str]) -> str:

@@ -104,7 +104,7 @@ def run(rules, jaxpr, consts, args, tags, f32: bool = False):
   Returns:
     ``(outs, out_tags)``, lists aligned with ``jaxpr.outvars``.
   """
-  env = {}
+  env: dict = {}
   uses = _use_counts(jaxpr)
   cast = to_f32 if f32 else (lambda x: x)
 
@@ -126,9 +126,8 @@ def run(rules, jaxpr, consts, args, tags, f32: bool = False):
     elif PARAM not in kinds:
       outs = rules.act(eqn, vals, ins)
       out_tags = [ACT_TAG] * len(eqn.outvars)
-    elif eqn.primitive.name in INLINE and sub_jaxpr(eqn) is not None:
-      sub, sub_consts = sub_jaxpr(eqn)
-      outs, out_tags = run(rules, sub, sub_consts, vals, ins, f32)
+    elif eqn.primitive.name in INLINE and (found := sub_jaxpr(eqn)):
+      outs, out_tags = run(rules, found[0], found[1], vals, ins, f32)
     else:
       outs, out_tags = rules.layer(eqn, vals, ins,
                                    [uses[v] for v in eqn.outvars])
