@@ -113,7 +113,9 @@ def test_chaining_three_corpora_equals_consolidating_by_hand(lm):
   r2 = continual.continual_fine_tune(loss_fn, r1.params, b, c, lam=lam,
                                      opt_state=r1.opt_state, **kw)
 
-  tx = optax.chain(ewc_jax.ewc(lam), opt)
+  # The helper's chain: lam injected (set with tree_set, never retraced).
+  tx = optax.chain(optax.inject_hyperparams(
+      ewc_jax.ewc, static_args=("mode",))(lam=lam), opt)
   fisher = lambda p, d: ewc_jax.empirical_fisher(loss_fn, p, d)  # noqa: E731
   mean = lambda p, d: jnp.mean(jax.vmap(loss_fn, (None, 0))(p, d))  # noqa
 
@@ -213,10 +215,12 @@ def test_library_clear_errors(lm):
       (dict(estimator="exact"), "estimator must be"),
       (dict(new_data=b[:4], batch_size=8),
        r"batch_size \(8\) exceeds the 4 examples of new_data"),
-      (dict(num_steps=0), "num_steps must be a positive int, got 0"),
-      (dict(batch_size=8.0), "batch_size must be a positive int"),
-      (dict(fisher_batch_size=0), "fisher_batch_size must be a positive int"),
-      (dict(fisher_examples=0), "fisher_examples must be a positive int"),
+      (dict(num_steps=0), "num_steps must be None or a positive int, got 0"),
+      (dict(batch_size=8.0), "batch_size must be (None or )?a positive int"),
+      (dict(fisher_batch_size=0),
+       "fisher_batch_size must be (None or )?a positive int"),
+      (dict(fisher_examples=0),
+       "fisher_examples must be (None or )?a positive int"),
       (dict(new_data=[b, b]), "new_data must be a pytree"),
       (dict(opt_state=OPT.init(params)), "opt_state is not a state"),
   ):
