@@ -230,13 +230,7 @@ class _Options(NamedTuple):
 
 def _check_arguments(est, path, rng, num_samples, num_examples):
   validate.choice("path", path, PATHS)
-  if est.needs_key:
-    if rng is None:
-      raise ValueError(
-          f'estimator="{est.name}" draws labels from the model and needs rng, '
-          "a jax.random key.")
-    validate.check_key("rng", rng)
-    validate.positive_int("num_samples", num_samples)
+  validate.check_sampling(est, rng, num_samples)
   validate.positive_int_or_none("num_examples", num_examples)
 
 
@@ -310,6 +304,8 @@ def _sums(apply_fn, opts, chosen, plan, logits):
 
 def _fisher_of_arrays(apply_fn, params, data, key, opts):
   inputs, labels, mask = _parts(data)
+  _check_batch(opts.est, labels, mask,
+               outputs.logits(apply_fn, params, inputs))
   n = chunking.leading_size(data, "data")
   if opts.num_examples is not None:
     n = min(n, opts.num_examples)
@@ -317,7 +313,6 @@ def _fisher_of_arrays(apply_fn, params, data, key, opts):
     raise ValueError("data holds no examples: the Fisher needs at least one.")
   shards = pass_driver.num_shards(opts.sharding)
   logits, chosen, plan = _setup(apply_fn, params, inputs, opts, n, shards)
-  _check_batch(opts.est, labels, mask, logits)
   labels, mask = _batch_arrays(labels, mask)
   batch = (inputs, labels) if mask is None else (inputs, labels, mask)
   fn = _sums(apply_fn, opts, chosen, plan, logits)

@@ -160,6 +160,18 @@ def check_xi(xi: Any) -> None:
       raise ValueError(f"xi must be a finite number > 0, got {value}.")
 
 
+def check_sampling(estimator: Any, rng: Any, num_samples: Any) -> None:
+  """An estimator that draws labels needs one PRNG key and a count."""
+  if not estimator.needs_key:
+    return
+  if rng is None:
+    raise ValueError(
+        f'estimator="{estimator.name}" draws labels from the model and needs '
+        "rng, a jax.random key.")
+  check_key("rng", rng)
+  positive_int("num_samples", num_samples)  # NumPy ints too
+
+
 def check_key(name: str, key: Any) -> None:
   """Raises a clear error unless ``key`` is ONE ``jax.random`` key.
 

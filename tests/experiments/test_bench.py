@@ -24,8 +24,8 @@ def test_bench_writes_ratios(tmp_path):
   assert ("mlp", "auto", "batched") not in paths  # batched has no path
   assert ("mlp", "-", "batched") in paths and ("cnn", "fast", "exact") in paths
   assert {r["estimator"] for r in res["fisher"]} == {"exact", "batched"}
-  # The recurrent model is not known to the fast path: auto fell back.
-  assert ("recurrent", "vmap", "exact") in paths
+  # The recurrent model's scan is one layer of the fast path.
+  assert ("recurrent", "fast", "exact") in paths
   assert all(r["ratio"] > 0 and r["ratio_loop"] > 0 for r in res["fisher"])
   assert [r["optimizer"] for r in res["train"]] == ["adam", "ewc+adam"]
   assert {r["batch_size"] for r in res["memory"] if "batch_size" in r} == {

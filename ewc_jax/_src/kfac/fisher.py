@@ -143,21 +143,8 @@ def dense_layers(apply_fn: Callable, params: Any, inputs: Any) -> tuple:
   return _plan(apply_fn, params, inputs).plan.layers
 
 
-def _validate(est, rng, num_samples):
-  if est.needs_key:
-    if rng is None:
-      raise ValueError(
-          f'estimator="{est.name}" draws labels from the model and needs rng, '
-          "a jax.random key.")
-    validate.check_key("rng", rng)
-    validate.positive_int("num_samples", num_samples)  # NumPy ints too
-
-
 def kfac_fisher(
-    apply_fn: Callable[[Any, Any], jax.Array],
-    params: Any,
-    data: Any,
-    *,
+    apply_fn: Callable[[Any, Any], jax.Array], params: Any, data: Any, *,
     estimator: EstimatorName = "exact",
     rng: Optional[jax.Array] = None,
     num_samples: int = 1,
@@ -236,7 +223,7 @@ def kfac_fisher(
     NeurIPS 2018.
   """
   est = estimators.get(estimator, KFAC_ESTIMATORS)
-  _validate(est, rng, num_samples)
+  validate.check_sampling(est, rng, num_samples)
   size = validate.positive_int("batch_size", DEFAULT_CHUNK if batch_size is
                                None else batch_size)
   key = rng if rng is not None else jax.random.key(0)
