@@ -1,7 +1,9 @@
-"""Continual fine-tuning of a byte-level language model with EWC.
+"""Continual fine-tuning of a Qwen3 language model with EWC (tunix's model).
 
 ``python -m experiments.continual_lm --help`` lists every setting. Modules:
-``config`` (settings, presets), ``corpora`` (offline texts), ``model`` (the
-transformer), ``trainer`` (the training loop with held-out evaluations),
-``experiment`` (the run), ``results`` (files), ``main`` (the command line).
+``config`` (settings, presets), ``corpora`` (offline texts), ``tokenizer``
+(byte-level BPE), ``family`` (Qwen3 on tunix: Hugging Face checkpoints in
+and out), ``trainer`` (the training loop on ewc_jax's pieces),
+``progress`` (the job's bars), ``experiment`` (the phases), ``results``
+(files), ``main`` (the command line).
 """

@@ -3,9 +3,9 @@
 Two sets of defaults, both read from the running Python installation (no
 network, no tokenizer: one token per byte):
 
-* ``stdlib`` (small, for the CPU preset): A, English prose, the documentation
+* ``stdlib`` (for the CPU preset): A, English prose, the documentation
   topics of CPython's ``pydoc_data`` (466 KB); B, Python source, the standard
-  library's ``inspect.py`` and ``os.py`` (164 KB).
+  library's source with its docstrings removed, up to a size cap (2 MB).
 * ``packages`` (tens of MB, for bigger models): A, the docstrings of the
   installed scientific Python packages (`PROSE_PACKAGES`); B, the standard
   library's source with its docstrings removed. Files are read in a fixed
@@ -149,7 +149,8 @@ def stdlib_code_large(cap: int) -> tuple[bytes, str]:
 
 
 def load_corpus(path: Optional[str], which: str, corpora: str = "stdlib",
-                cap: int = 32_000_000) -> tuple[bytes, str]:
+                cap: int = 32_000_000,
+                code_cap: int = 2_000_000) -> tuple[bytes, str]:
   """The bytes of corpus ``which`` ("a" or "b") and where they came from.
 
   Args:
@@ -157,6 +158,7 @@ def load_corpus(path: Optional[str], which: str, corpora: str = "stdlib",
     which: ``"a"`` (old, prose) or ``"b"`` (new, code).
     corpora: ``"stdlib"`` or ``"packages"`` (see the module docstring).
     cap: the size cap of the ``packages`` corpora, in bytes.
+    code_cap: the size cap of the ``stdlib`` code corpus, in bytes.
 
   Raises:
     ValueError: ``path`` is not a readable file.
@@ -174,7 +176,7 @@ def load_corpus(path: Optional[str], which: str, corpora: str = "stdlib",
       raise ValueError(f"corpus_{which}: cannot read {path}: {e}") from None
   if corpora == "packages":
     return package_prose(cap) if which == "a" else stdlib_code_large(cap)
-  return stdlib_prose() if which == "a" else stdlib_code()
+  return stdlib_prose() if which == "a" else stdlib_code_large(code_cap)
 
 
 def to_sequences(text: bytes, seq_len: int, name: str) -> np.ndarray:
@@ -196,3 +198,22 @@ def to_sequences(text: bytes, seq_len: int, name: str) -> np.ndarray:
   n = (len(arr) - 1) // seq_len
   idx = np.arange(n)[:, None] * seq_len + np.arange(seq_len + 1)[None]
   return arr[idx]
+
+
+def windows(ids: np.ndarray, seq_len: int, name: str) -> np.ndarray:
+  """Cuts token ids into windows ``[N, seq_len + 1]`` (int32), stride seq_len.
+
+  As :func:`to_sequences`, for tokens: consecutive windows share one token,
+  so every token but the first is a target exactly once.
+
+  Raises:
+    ValueError: fewer than ``seq_len + 1`` tokens (``name`` says which).
+  """
+  ids = np.asarray(ids, np.int32)
+  if len(ids) < seq_len + 1:
+    raise ValueError(
+        f"{name} has {len(ids)} tokens, shorter than one sequence of "
+        f"seq_len + 1 = {seq_len + 1} tokens.")
+  n = (len(ids) - 1) // seq_len
+  idx = np.arange(n)[:, None] * seq_len + np.arange(seq_len + 1)[None]
+  return ids[idx]

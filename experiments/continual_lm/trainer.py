@@ -1,10 +1,18 @@
-"""The experiment's trainer: jitted scans of steps, held-out evaluations.
+"""The experiment's training loop: jitted chunks of steps, evaluations.
 
-Experiment code, not library code: the library's one-call helper is
-``ewc_jax.continual.continual_fine_tune``; this module adds what a study
-needs around the same optax chain (``optax.chain(ewc_jax.ewc(lam), opt)``):
-held-out losses every ``eval_every`` steps, callbacks, the best parameters
-by a held-out loss, and a lambda sweep that compiles once.
+Experiment code on the library's pieces (the one-call helper is
+``ewc_jax.continual.continual_fine_tune``): the optimiser is
+``optax.chain(inject_hyperparams(ewc_jax.ewc)(lam=...), clip, adam)``,
+consolidated with ``ewc_jax.consolidate`` and re-weighted with
+``optax.tree_utils.tree_set(opt_state, lam=...)`` (no retrace across a
+lambda sweep). A model is ``forward(trainable, frozen, tokens[B, T]) ->
+logits``; ``frozen`` (LoRA's base weights, or nothing) is an argument of
+the compiled step, never a baked-in constant.
+
+Steps run in chunks of ``steps_per_call`` as one ``jax.lax.scan`` each, so
+that a Ctrl-C is acted upon within a chunk (about a second on a CPU) and
+progress is reported as it goes; a non-finite loss stops the run with
+:class:`Diverged` naming the step.
 """
 
 import functools
@@ -18,11 +26,15 @@ import optax
 
 import ewc_jax
 
-LossFn = Callable[[Any, Any], jax.Array]
-Callback = Callable[[int, Any], Mapping[str, Any]]
-# on_chunk(first_step, losses, penalties, evals): after every chunk, with
-# host arrays; evals holds the held-out losses just measured (if any).
-ChunkHook = Callable[[int, np.ndarray, np.ndarray, Mapping[str, float]], None]
+Forward = Callable[[Any, Any, jax.Array], jax.Array]
+
+
+class Diverged(RuntimeError):
+  """The training loss became nan or inf at ``step`` (1-based)."""
+
+  def __init__(self, step: int, loss: float):
+    super().__init__(f"the training loss became {loss} at step {step}")
+    self.step, self.loss = step, loss
 
 
 def check_positive_int(name: str, value: Any, *, allow_none: bool = False):
@@ -34,282 +46,241 @@ def check_positive_int(name: str, value: Any, *, allow_none: bool = False):
     raise ValueError(f"{name} must be a positive int, got {value!r}.")
 
 
-def num_examples(data: Any, name: str) -> int:
-  """The leading size of an in-memory data set, with errors naming it."""
-  leaves = jax.tree.leaves(data)
-  if (isinstance(data, list) or not leaves
-      or not all(hasattr(x, "shape") and jnp.ndim(x) for x in leaves)):
-    raise ValueError(
-        f"{name} must be a pytree of arrays with a leading example axis (e.g. "
-        f"an int array [N, T] of token ids); got {type(data).__name__}.")
-  sizes = {x.shape[0] for x in leaves}
-  if len(sizes) != 1:
-    raise ValueError(
-        f"every array of {name} needs the same leading (example) axis; got "
-        f"{sorted(sizes)}.")
-  n = sizes.pop()
-  if n == 0:
-    raise ValueError(f"{name} holds no examples.")
-  return n
+def token_nll(forward: Forward, trainable, frozen, batch) -> jax.Array:
+  """Mean token negative log-likelihood of ``batch`` ``[B, T + 1]``."""
+  logits = forward(trainable, frozen, batch[:, :-1]).astype(jnp.float32)
+  return jnp.mean(optax.softmax_cross_entropy_with_integer_labels(
+      logits, batch[:, 1:]))
 
 
-def _mean_loss(loss_fn: LossFn, params: Any, batch: Any) -> jax.Array:
-  losses = jax.vmap(loss_fn, in_axes=(None, 0))(params, batch)
-  return jnp.mean(losses.astype(jnp.float32))
+def optimizer(learning_rate: Any, *, clip: float = 1.0
+              ) -> optax.GradientTransformation:
+  """``chain(ewc(lam), clip_by_global_norm, adam)``, lam injected (0).
 
-
-@functools.partial(jax.jit, static_argnums=(0,))
-def _loss_sum(loss_fn, params, chunk, mask):
-  losses = jax.vmap(loss_fn, in_axes=(None, 0))(params, chunk)
-  return jnp.sum(mask * losses.astype(jnp.float32))
-
-
-def evaluate(loss_fn: LossFn, params: Any, data: Any, *,
-             batch_size: int = 64) -> float:
-  """The mean of ``loss_fn`` over the examples of ``data``.
-
-  For a language model whose per-example loss is a sequence's mean token
-  loss, over sequences of equal length, this is the mean token loss and
-  ``math.exp`` of it the perplexity. Chunks are zero-padded to
-  ``batch_size`` (one compilation) and the padding masked out.
-
-  Example:
-    >>> import jax.numpy as jnp
-    >>> loss = lambda p, z: (z - p['w']) ** 2
-    >>> evaluate(loss, {'w': jnp.array(1.0)}, jnp.array([0.0, 3.0]))
-    2.5
-
-  Raises:
-    ValueError: no examples in ``data``; a bad ``batch_size``.
+  EWC comes first, so that clipping and Adam see the whole gradient, task
+  and pull; with lam 0 (or nothing consolidated) it adds nothing.
   """
-  check_positive_int("batch_size", batch_size)
-  n = num_examples(data, "data")
-  total = jnp.zeros([], jnp.float32)
+  return optax.chain(
+      optax.inject_hyperparams(ewc_jax.ewc, static_args=("mode",))(lam=0.0),
+      optax.clip_by_global_norm(clip), optax.adam(learning_rate))
+
+
+def set_lam(opt_state: Any, lam: float) -> Any:
+  """``opt_state`` with the EWC strength ``lam`` (no retrace)."""
+  return optax.tree_utils.tree_set(opt_state, lam=jnp.float32(lam))
+
+
+@functools.lru_cache(maxsize=None)
+def _step_fn(forward: Forward, tx: optax.GradientTransformation):
+  """The jitted chunk of steps for one model and one optimiser."""
+
+  def run(trainable, opt_state, frozen, data, rows, active):
+    zero = jnp.zeros([], jnp.float32)
+
+    def step(carry, xs):
+      idx, on = xs
+
+      def go(carry):
+        params, state = carry
+        batch = data[idx]
+        loss, grads = jax.value_and_grad(
+            lambda p: token_nll(forward, p, frozen, batch))(params)
+        pen = ewc_jax.penalty(params, state).astype(jnp.float32)
+        updates, state = tx.update(grads, state, params)
+        return (optax.apply_updates(params, updates), state), (loss, pen)
+
+      # Steps past the end of a short last call are skipped: one
+      # compilation whatever num_steps is.
+      return jax.lax.cond(on, go, lambda c: (c, (zero, zero)), carry)
+
+    (trainable, opt_state), (losses, pens) = jax.lax.scan(
+        step, (trainable, opt_state), (rows, active))
+    return trainable, opt_state, losses, pens
+
+  return jax.jit(run, donate_argnums=(0, 1))
+
+
+@functools.lru_cache(maxsize=None)
+def _eval_fn(forward: Forward):
+  def total(trainable, frozen, chunk, weight):
+    logits = forward(trainable, frozen, chunk[:, :-1]).astype(jnp.float32)
+    nll = optax.softmax_cross_entropy_with_integer_labels(logits,
+                                                          chunk[:, 1:])
+    return jnp.sum(weight[:, None] * nll)
+
+  return jax.jit(total)
+
+
+def evaluate(forward: Forward, trainable, frozen, sequences: np.ndarray, *,
+             batch_size: int = 32) -> float:
+  """Mean token NLL over ``sequences`` ``[N, T + 1]`` (``exp``: perplexity).
+
+  Chunks are zero-padded to ``batch_size`` (one compilation), the padding
+  weighted out.
+  """
+  n, t1 = sequences.shape
+  if n == 0:
+    raise ValueError("no sequences to evaluate.")
+  fn = _eval_fn(forward)
+  total = 0.0
   for start in range(0, n, batch_size):
     take = min(batch_size, n - start)
-    chunk = jax.tree.map(lambda x, s=start, t=take: np.pad(
-        np.asarray(x[s:s + t]), [(0, batch_size - t)] + [(0, 0)] * (
-            x.ndim - 1)), data)
-    mask = (np.arange(batch_size) < take).astype(np.float32)
-    total = total + _loss_sum(loss_fn, params, chunk, jnp.asarray(mask))
-  return float(total) / n
+    chunk = np.zeros((batch_size, t1), np.int32)
+    chunk[:take] = sequences[start:start + take]
+    weight = (np.arange(batch_size) < take).astype(np.float32)
+    total += float(fn(trainable, frozen, chunk, weight))
+  return total / (n * (t1 - 1))
 
 
-@functools.partial(jax.jit, static_argnums=(0, 1, 2), donate_argnums=(3, 4))
-def _train_chunk(loss_fn, optimizer, use_ewc, params, opt_state, lam, data,
-                 idx, active):
-  """Runs ``idx.shape[0]`` optimiser steps as one ``jax.lax.scan``.
-
-  The EWC transformation is rebuilt here around the traced ``lam``, so every
-  lambda of a sweep shares one compiled function (the EWC state, anchors and
-  importance included, is an argument, never a baked-in constant). Steps with
-  ``active`` False are skipped, so a short last chunk reuses the compilation.
-  """
-  tx = optax.chain(ewc_jax.ewc(lam), optimizer) if use_ewc else optimizer
-  zero = jnp.zeros([], jnp.float32)
-
-  def step(carry, xs):
-    rows, on = xs
-
-    def run(carry):
-      params, opt_state = carry
-      batch = jax.tree.map(lambda x: x[rows], data)
-      loss, grads = jax.value_and_grad(
-          lambda p: _mean_loss(loss_fn, p, batch))(params)
-      pen = (ewc_jax.penalty(params, opt_state, lam=lam) if use_ewc
-             else zero)
-      updates, opt_state = tx.update(grads, opt_state, params)
-      return (optax.apply_updates(params, updates), opt_state), (loss, pen)
-
-    return jax.lax.cond(on, run, lambda c: (c, (zero, zero)), carry)
-
-  (params, opt_state), (losses, penalties) = jax.lax.scan(
-      step, (params, opt_state), (idx, active))
-  return params, opt_state, losses, penalties
-
-
-def _copy(tree: Any) -> Any:
-  # Fresh buffers, so that donating them never deletes the caller's arrays
-  # (a float32 anchor in the EWC state may alias the caller's params).
-  return jax.tree.map(lambda x: jnp.array(x, copy=True), tree)
-
-
-def index_plan(key: jax.Array, n: int, batch_size: int,
+def index_plan(seed: int, n: int, batch_size: int,
                num_steps: int) -> np.ndarray:
-  """``[num_steps, batch_size]`` rows: epochs of fresh permutations.
-
-  Drawn on the host (a NumPy generator seeded by the key's bits): a device
-  permutation would compile once per data set size.
-  """
-  if jnp.issubdtype(key.dtype, jax.dtypes.prng_key):
-    key = jax.random.key_data(key)
-  gen = np.random.default_rng(np.asarray(key, np.uint32).ravel().tolist())
+  """``[num_steps, batch_size]`` rows: epochs of fresh permutations."""
+  gen = np.random.default_rng(seed)
   per_epoch = n // batch_size
+  if per_epoch < 1:
+    raise ValueError(f"batch_size ({batch_size}) exceeds the {n} training "
+                     "sequences.")
   epochs = -(-num_steps // per_epoch)
   rows = [gen.permutation(n)[: per_epoch * batch_size].reshape(
       per_epoch, batch_size) for _ in range(epochs)]
   return np.concatenate(rows)[:num_steps].astype(np.int32)
 
 
-def _check_fit_args(data, batch_size, num_steps, eval_data, eval_every,
-                    eval_batch_size, callback, keep_best, data_name) -> int:
-  n = num_examples(data, data_name)
-  check_positive_int("batch_size", batch_size)
-  if batch_size > n:
-    raise ValueError(
-        f"batch_size ({batch_size}) exceeds the {n} examples of {data_name}.")
-  check_positive_int("num_steps", num_steps, allow_none=True)
-  check_positive_int("eval_every", eval_every, allow_none=True)
-  check_positive_int("eval_batch_size", eval_batch_size)
-  if eval_data is not None and not isinstance(eval_data, Mapping):
-    raise ValueError(
-        "eval_data must be a mapping from names to data sets (e.g. "
-        f"{{'old': old_test}}); got {type(eval_data).__name__}.")
-  for name, split in (eval_data or {}).items():
-    num_examples(split, f"eval_data[{name!r}]")
-  if keep_best is not None and keep_best not in (eval_data or {}):
-    raise ValueError(
-        f"keep_best must name a set of eval_data, got {keep_best!r}.")
-  if callback is not None and not callable(callback):
-    raise ValueError(f"callback must be callable, got {callback!r}.")
-  return n
+def _replicated(tree: Any) -> Optional[jax.sharding.Sharding]:
+  """A replicated sharding on the mesh ``tree`` is sharded over, or None.
+
+  The training data then sits on every device of the model's mesh (a
+  single-device array would not mix with the sharded params).
+  """
+  for leaf in jax.tree.leaves(tree):
+    sharding = getattr(leaf, "sharding", None)
+    if isinstance(sharding, jax.sharding.NamedSharding):
+      return jax.sharding.NamedSharding(sharding.mesh,
+                                        jax.sharding.PartitionSpec())
+  return None
+
+
+def _copy(tree: Any) -> Any:
+  # Fresh buffers: donating them must not delete the caller's arrays (an
+  # EWC anchor may alias the params it was consolidated at).
+  return jax.tree.map(lambda x: jnp.array(x, copy=True), tree)
 
 
 def fit(
-    loss_fn: LossFn,
-    params: Any,
-    data: Any,
+    forward: Forward,
+    trainable: Any,
+    frozen: Any,
+    data: np.ndarray,
     *,
-    optimizer: optax.GradientTransformation,
-    opt_state: Any = None,
-    lam: Optional[float] = None,
-    num_steps: Optional[int] = None,
-    batch_size: int = 32,
-    rng: Optional[jax.Array] = None,
-    eval_data: Optional[Mapping[str, Any]] = None,
+    tx: optax.GradientTransformation,
+    opt_state: Any,
+    num_steps: int,
+    batch_size: int,
+    seed: int = 0,
+    steps_per_call: int = 5,
     eval_every: Optional[int] = None,
-    eval_batch_size: int = 64,
-    callback: Optional[Callback] = None,
+    evaluate_fn: Optional[Callable[[Any, int], Mapping[str, float]]] = None,
     keep_best: Optional[str] = None,
-    data_name: str = "data",
-    on_chunk: Optional[ChunkHook] = None,
+    on_steps: Optional[Callable[[int, np.ndarray, np.ndarray], None]] = None,
 ) -> tuple[Any, Any, dict[str, Any]]:
-  """Minimises the mean of ``loss_fn`` over mini-batches of ``data``.
-
-  Each step draws ``batch_size`` examples without replacement from a fresh
-  permutation per epoch (:func:`index_plan`); the steps between two
-  evaluations run as one jitted ``jax.lax.scan``.
+  """Minimises the mean token NLL on ``data`` ``[N, T + 1]``.
 
   Args:
-    loss_fn: ``loss_fn(params, example) -> scalar`` for ONE example;
-      deterministic. The same object across calls reuses the compiled step.
-    params: the parameter pytree (not modified).
-    data: a pytree of arrays with a leading example axis, held in memory.
-    optimizer: an optax transformation.
-    opt_state: the state to start from: ``optimizer.init(params)`` when
-      None and ``lam`` is None; with ``lam``, the state of
-      ``optax.chain(ewc_jax.ewc(lam), optimizer)`` (already consolidated).
-    lam: None for plain training; else the EWC strength, a traced argument
-      (a lambda sweep compiles once).
-    num_steps: optimiser steps; ``None`` runs one epoch, ``N // batch_size``.
-    batch_size: examples per step, at most ``N``.
-    rng: a PRNG key for the batch order (default ``jax.random.key(0)``).
-    eval_data: ``{name: data}``: held-out sets whose mean loss is recorded
-      before the first step, every ``eval_every`` steps and after the last.
-    eval_every: steps between evaluations; ``None``: before and after only.
-    eval_batch_size: chunk size of the evaluations.
-    callback: ``callback(step, params) -> {metric: value}`` at the same
-      points; its results go to ``history["metrics"]``.
-    keep_best: a name of ``eval_data``: return the parameters with the
-      lowest loss on it among the evaluation points (validation stopping),
-      not the last ones.
-    data_name: how errors name ``data``.
-    on_chunk: ``on_chunk(first_step, losses, penalties, evals)`` after each
-      chunk of steps (live metrics): the chunk's per-step values, already
-      on the host, and the held-out losses measured after it.
+    forward: ``forward(trainable, frozen, tokens) -> logits``; the same
+      object across calls reuses the compiled step.
+    trainable, frozen: what is trained, and what is passed along as is.
+    data: the training sequences.
+    tx, opt_state: the optimiser (:func:`optimizer`) and its state.
+    num_steps, batch_size: optimiser steps, sequences per step.
+    seed: the batch order (:func:`index_plan`).
+    steps_per_call: steps per compiled call (interrupt latency).
+    eval_every: steps between calls of ``evaluate_fn`` (a multiple of
+      ``steps_per_call``); None: at the start and the end only.
+    evaluate_fn: ``evaluate_fn(trainable, step) -> {name: loss}``, at the
+      start, every ``eval_every`` steps and at the end.
+    keep_best: a name of ``evaluate_fn``'s results: return the trainable
+      params with its lowest value among the evaluations.
+    on_steps: ``on_steps(first_step, losses, penalties)`` after each call.
 
   Returns:
-    ``(params, opt_state, history)``; ``history`` holds ``"loss"`` and
-    ``"penalty"`` (``[num_steps]`` float32 each), ``"eval_steps"``,
-    ``"eval"`` (``{name: losses}``), ``"metrics"``, ``"best_step"`` and
-    ``"train_seconds"`` (compilation included).
-  """
-  n = _check_fit_args(data, batch_size, num_steps, eval_data, eval_every,
-                      eval_batch_size, callback, keep_best, data_name)
-  num_steps = num_steps if num_steps is not None else n // batch_size
-  key = rng if rng is not None else jax.random.key(0)
-  plan = index_plan(key, n, batch_size, num_steps)
-  chunk = min(eval_every or num_steps, num_steps)
-  eval_data = dict(eval_data or {})
-  watch = bool(eval_data) or callback is not None
-  use_ewc = lam is not None
-  if opt_state is None:
-    opt_state = optimizer.init(params)
-  data = jax.device_put(data)
-  params, opt_state = _copy(params), _copy(opt_state)
-  lam = jnp.asarray(lam if use_ewc else 0.0, jnp.float32)
-  history = {"loss": [], "penalty": [], "eval_steps": [],
-             "eval": {name: [] for name in eval_data}, "metrics": [],
-             "best_step": None}
-  best = [params]
+    ``(trainable, opt_state, history)``: ``history`` holds ``loss`` and
+    ``penalty`` per step, ``eval_steps``, ``eval`` (``{name: [loss]}``),
+    ``best_step`` and ``seconds``.
 
-  def watch_point(step):
+  Raises:
+    Diverged: a non-finite training loss (the step is named).
+  """
+  check_positive_int("num_steps", num_steps)
+  check_positive_int("steps_per_call", steps_per_call)
+  check_positive_int("eval_every", eval_every, allow_none=True)
+  if eval_every is not None and eval_every % steps_per_call:
+    raise ValueError(f"eval_every ({eval_every}) must be a multiple of "
+                     f"steps_per_call ({steps_per_call}).")
+  plan = index_plan(seed, len(data), batch_size, num_steps)
+  run = _step_fn(forward, tx)
+  data = jax.device_put(np.asarray(data, np.int32), _replicated(trainable))
+  trainable, opt_state = _copy(trainable), _copy(opt_state)
+  history = {"loss": [], "penalty": [], "eval_steps": [], "eval": {},
+             "best_step": None}
+  best = [trainable]
+
+  def watch(step):
+    if evaluate_fn is None:
+      return
+    values = evaluate_fn(trainable, step)
     history["eval_steps"].append(step)
-    for name, split in eval_data.items():
-      history["eval"][name].append(
-          evaluate(loss_fn, params, split, batch_size=eval_batch_size))
-    if callback is not None:
-      history["metrics"].append(dict(callback(step, params)))
+    for name, value in values.items():
+      history["eval"].setdefault(name, []).append(float(value))
     if keep_best is not None and history["eval"][keep_best][-1] <= min(
         history["eval"][keep_best]):
-      history["best_step"], best[0] = step, _copy(params)
+      history["best_step"], best[0] = step, _copy(trainable)
 
   start_time = time.perf_counter()
-  if watch:
-    watch_point(0)
-  for start in range(0, num_steps, chunk):
-    take = min(chunk, num_steps - start)
-    idx = np.zeros([chunk, batch_size], np.int32)
-    idx[:take] = plan[start:start + take]
-    active = np.arange(chunk) < take
-    params, opt_state, losses, penalties = _train_chunk(
-        loss_fn, optimizer, use_ewc, params, opt_state, lam, data, idx,
-        active)
-    history["loss"].append(np.asarray(losses[:take]))
-    history["penalty"].append(np.asarray(penalties[:take]))
-    if watch:
-      watch_point(start + take)
-    if on_chunk is not None:
-      on_chunk(start, history["loss"][-1], history["penalty"][-1],
-               {name: v[-1] for name, v in history["eval"].items()}
-               if watch else {})
+  watch(0)
+  done = 0
+  while done < num_steps:
+    take = min(steps_per_call, num_steps - done)
+    rows = np.zeros((steps_per_call, batch_size), np.int32)
+    rows[:take] = plan[done:done + take]
+    active = np.arange(steps_per_call) < take
+    trainable, opt_state, losses, pens = run(trainable, opt_state, frozen,
+                                             data, rows, active)
+    losses, pens = np.asarray(losses)[:take], np.asarray(pens)[:take]
+    bad = np.flatnonzero(~np.isfinite(losses))
+    if bad.size:
+      raise Diverged(done + int(bad[0]) + 1, float(losses[bad[0]]))
+    history["loss"].append(losses)
+    history["penalty"].append(pens)
+    if on_steps is not None:
+      on_steps(done, losses, pens)
+    done += take
+    if eval_every is not None and done % eval_every == 0 and done < num_steps:
+      watch(done)
+  watch(num_steps)
   history["loss"] = np.concatenate(history["loss"])
   history["penalty"] = np.concatenate(history["penalty"])
-  history["eval_steps"] = np.asarray(history["eval_steps"], np.int32)
-  history["eval"] = {k: np.asarray(v) for k, v in history["eval"].items()}
-  history["train_seconds"] = time.perf_counter() - start_time
+  history["seconds"] = time.perf_counter() - start_time
   if keep_best is not None:
-    params = best[0]
-  return params, opt_state, history
+    trainable = best[0]
+  return trainable, opt_state, history
 
 
-def fine_tune(loss_fn: LossFn, params: Any, data: Any, *, lam: float,
-              importance: Any, optimizer: optax.GradientTransformation,
+def fine_tune(forward: Forward, trainable, frozen, data, *, lam: float,
+              importance: Any, tx: optax.GradientTransformation,
               **kwargs) -> tuple[Any, dict[str, Any]]:
-  """Trains on ``data`` with EWC anchored at ``params`` with ``importance``.
+  """Trains on ``data`` with EWC anchored at ``trainable``.
 
-  ``optax.chain(ewc_jax.ewc(lam), optimizer)``, consolidated once at
-  ``params`` with ``importance`` (none for ``lam = 0``: plain fine-tuning
-  through the same chain and the same compiled step), then :func:`fit`.
-
-  Returns:
-    ``(params, history)`` as in :func:`fit`, with ``history["lam"]``.
+  ``tx.init``, then (for ``lam > 0``) ``ewc_jax.consolidate`` at
+  ``trainable`` with ``importance`` and ``lam`` set by :func:`set_lam`;
+  lam 0 is plain fine-tuning through the same chain and compiled step.
   """
-  tx = optax.chain(ewc_jax.ewc(lam), optimizer)  # checks lam
-  opt_state = tx.init(params)
-  if float(lam) > 0.0:  # lam = 0: a zero importance would be warned of
-    opt_state = ewc_jax.consolidate(opt_state, params, importance)
-  params, _, history = fit(loss_fn, params, data, optimizer=optimizer,
-                           opt_state=opt_state, lam=float(lam), **kwargs)
+  if not (np.isfinite(lam) and lam >= 0):
+    raise ValueError(f"lam must be finite and >= 0, got {lam!r}.")
+  opt_state = tx.init(trainable)
+  if lam > 0:
+    opt_state = set_lam(
+        ewc_jax.consolidate(opt_state, trainable, importance), lam)
+  trainable, _, history = fit(forward, trainable, frozen, data, tx=tx,
+                              opt_state=opt_state, **kwargs)
   history["lam"] = float(lam)
-  return params, history
+  return trainable, history
