@@ -9,6 +9,7 @@ import pytest
 
 from experiments.bench import suite as bench  # noqa: I001
 from experiments.bench import common
+from experiments.bench import sequence
 from experiments.bench import suite  # noqa: F401
 
 
@@ -17,7 +18,7 @@ def test_bench_writes_ratios(tmp_path):
   bench.main(["--hidden", "16", "--fast-examples", "512", "--vmap-examples",
               "64", "--rss-examples", "0", "--steps", "4", "--reps", "1",
               "--batch-size", "32", "--estimators", "exact,batched",
-              "--seq-smoke", "--presets", "", "--out", str(out)])
+              "--only", "fisher,memory,train", "--out", str(out)])
   res = json.loads(out.read_text())
   paths = {(r["model"], r["path"], r["estimator"]) for r in res["fisher"]}
   assert ("mlp", "fast", "exact") in paths and ("mlp", "vmap", "exact") in paths
@@ -28,13 +29,19 @@ def test_bench_writes_ratios(tmp_path):
   assert ("recurrent", "fast", "exact") in paths
   assert all(r["ratio"] > 0 and r["ratio_loop"] > 0 for r in res["fisher"])
   assert [r["optimizer"] for r in res["train"]] == ["adam", "ewc+adam"]
-  assert [r["what"] for r in res["sequence"]] == [
-      "train step (adam)", "sequence fisher sampled (auto)",
-      "sequence fisher sampled (vmap)"]
-  assert all(r["ratio_to_train"] > 0 for r in res["sequence"])
   assert {r["batch_size"] for r in res["memory"] if "batch_size" in r} == {
       16, 64, 256}
   assert not any("peak_rss_bytes" in r for r in res["memory"])  # 0 skips
+
+
+def test_sequence_part_times_the_fisher_against_a_train_step():
+  rows = sequence.sequence_fisher_ratio(vocab=16, width=8, layers=1, heads=2,
+                                        sequences=2, length=4, reps=1,
+                                        paths=("auto",))
+  assert [r["what"] for r in rows] == ["train step (adam)",
+                                       "sequence fisher sampled (auto)"]
+  assert rows[0]["ratio_to_train"] == 1.0
+  assert all(r["tokens_per_s"] > 0 and r["params"] > 0 for r in rows)
 
 
 def test_bench_refuses_an_unknown_estimator(capsys):

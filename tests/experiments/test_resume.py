@@ -578,8 +578,9 @@ def test_fisher_rejects_bad_batches_labels_and_num_samples():
   with pytest.raises(ValueError, match="data holds no examples"):
     ewc_jax.empirical_fisher(lambda p, ex: jnp.sum(p["w"]), PARAMS,
                              (X[:0], Y[:0]))
-  with pytest.raises(ValueError, match='estimator must be "empirical" or '
-                                       '"batched", got \'exact\''):
+  with pytest.raises(ValueError, match=r"estimator must be one of "
+                                       r"\('empirical', 'batched'\), got "
+                                       r"'exact'"):
     ewc_jax.empirical_fisher(lambda p, ex: jnp.sum(p["w"]), PARAMS, (X, Y),
                              estimator="exact")
 

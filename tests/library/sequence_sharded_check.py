@@ -68,7 +68,9 @@ for est, path in (("sampled", "fast"), ("empirical", "vmap"),
                   ("batched", "fast")):
   kw = dict(estimator=est, path=path, rng=jax.random.key(3), batch_size=4)
   want = ewc_jax.fisher_diagonal(lm, params, data, **kw)
-  for d in (placed, tuple(map(np.asarray, data))):
+  forms = [placed] + ([tuple(map(np.asarray, data))] if est == "sampled"
+                      else [])  # host arrays: once is enough
+  for d in forms:
     got = ewc_jax.fisher_diagonal(lm, sharded, d, sharding=rows, **kw)
     chex.assert_trees_all_close(got, want, rtol=1e-5, atol=1e-9)
     same_sharding(got, sharded)
