@@ -4,7 +4,7 @@ Experiment code on the library's pieces (the one-call helper is
 ``ewc_jax.continual.continual_fine_tune``): the optimiser is
 ``optax.chain(inject_hyperparams(ewc_jax.ewc)(lam=...), clip, adam)``,
 consolidated with ``ewc_jax.consolidate`` and re-weighted with
-``optax.tree_utils.tree_set(opt_state, lam=...)`` (no retrace across a
+``ewc_jax.set_hyperparams(opt_state, lam=...)`` (no retrace across a
 lambda sweep). A model is ``forward(trainable, frozen, tokens[B, T]) ->
 logits``; ``frozen`` (LoRA's base weights, or nothing) is an argument of
 the compiled step, never a baked-in constant.
@@ -67,7 +67,7 @@ def optimizer(learning_rate: Any, *, clip: float = 1.0
 
 def set_lam(opt_state: Any, lam: float) -> Any:
   """``opt_state`` with the EWC strength ``lam`` (no retrace)."""
-  return optax.tree_utils.tree_set(opt_state, lam=jnp.float32(lam))
+  return ewc_jax.set_hyperparams(opt_state, lam=jnp.float32(lam))
 
 
 @functools.lru_cache(maxsize=None)

@@ -209,17 +209,12 @@ def optimizer(method: "Method", config: Any, graphdef,
 def set_pull(opt_state: Any, lam: float, gamma: float) -> Any:
   """The optimiser state with the pull's ``lam`` and ``gamma`` set.
 
-  ``lam`` is ``inject_hyperparams``' hyperparameter (read by every update);
-  ``gamma`` lives in the EWC state (``gamma``, read by ``consolidate``) or
-  the KFAC-EWC state (``kfac_gamma``). All are set by name with
-  ``optax.tree_utils.tree_set``, as float32 arrays so the jitted step is
-  not retraced.
+  :func:`ewc_jax.set_hyperparams` knows where each lives (``lam`` where
+  ``inject_hyperparams`` keeps it, ``gamma`` in the EWC or KFAC-EWC state);
+  float32 values, so the jitted step is not retraced.
   """
-  values = {"lam": jnp.asarray(lam, jnp.float32)}
-  for field in ("gamma", "kfac_gamma"):
-    if optax.tree_utils.tree_get_all_with_path(opt_state, field):
-      values[field] = jnp.asarray(gamma, jnp.float32)
-  return optax.tree_utils.tree_set(opt_state, **values)
+  return ewc_jax.set_hyperparams(opt_state, lam=jnp.float32(lam),
+                                 gamma=jnp.float32(gamma))
 
 
 def base_optimizer(config: Any) -> tuple[Any, ...]:

@@ -110,10 +110,12 @@ def test_consolidate_members_equals_consolidate_per_member(mode):
 
 
 def test_a_diverging_member_stops_the_sweep_and_is_named():
-  # lam = inf: inf * 0 (no curvature yet) makes the first step nan.
-  with pytest.raises(loop.TrainingDiverged, match=r"\(inf, 0\)"):
-    loop.run_sweep(_config(), _stream(), "ewc", (1.0, float("inf"), 2.0),
-                   (0,))
+  # lam = 3e38 (float32's largest order): finite, so the library takes it;
+  # from task 2 on the pull overflows and the member's loss becomes nan.
+  with pytest.raises(loop.TrainingDiverged, match=r"\(3e\+38, 0\)"):
+    loop.run_sweep(_config(), _stream(), "ewc", (1.0, 3e38, 2.0), (0,))
+  with pytest.raises(ValueError, match="lam must be a finite number"):
+    loop.run_sweep(_config(), _stream(), "ewc", (1.0, float("inf")), (0,))
 
 
 def test_sweep_rejects_empty_and_unknown():
