@@ -9,14 +9,13 @@ batch. Only the ratio is a target (machines differ): the Fisher pass should
 cost about one training step per token.
 """
 
-import time
-
 import jax
 import jax.numpy as jnp
 import optax
 from flax import nnx
 
 import ewc_jax
+from experiments.bench import common
 
 
 class Block(nnx.Module):
@@ -56,16 +55,6 @@ class Decoder(nnx.Module):
     return self.embed.attend(self.norm(x))
 
 
-def _best(fn, reps):
-  jax.block_until_ready(fn())  # compile
-  times = []
-  for _ in range(reps):
-    start = time.perf_counter()
-    jax.block_until_ready(fn())
-    times.append(time.perf_counter() - start)
-  return min(times)
-
-
 def sequence_fisher_ratio(*, vocab=4096, width=256, layers=4, heads=4,
                           sequences=16, length=128, chunk=None, reps=3,
                           paths=("auto", "vmap")):
@@ -94,7 +83,7 @@ def sequence_fisher_ratio(*, vocab=4096, width=256, layers=4, heads=4,
     return optax.apply_updates(p, u), s
 
   state = opt.init(params)
-  train = _best(lambda: step(params, state), reps)
+  train = common.best_time(lambda: step(params, state), reps)
   rows = [dict(what="train step (adam)", tokens_per_s=n_tokens / train,
                ratio_to_train=1.0)]
   for path in paths:
@@ -102,7 +91,7 @@ def sequence_fisher_ratio(*, vocab=4096, width=256, layers=4, heads=4,
       return ewc_jax.fisher_diagonal(
           apply_fn, params, (tokens, None, mask), estimator="sampled",
           rng=jax.random.key(2), batch_size=chunk, path=path)
-    seconds = _best(fisher, reps)
+    seconds = common.best_time(fisher, reps)
     rows.append(dict(what=f"sequence fisher sampled ({path})",
                      tokens_per_s=n_tokens / seconds,
                      ratio_to_train=train / seconds))

@@ -115,7 +115,7 @@ class Config:
 
 
 PRESETS = {
-    # 9 min 45 s of CPU time on the 2-core CPU; docs/continual_lm.md.
+    # 5 min 10 s wall on the idle 2-core CPU; docs/continual_lm.md.
     "cpu": Config(),
     # One GPU: a 20M-parameter Qwen3 on tens of MB of text (not yet run).
     "gpu": Config(vocab_size=8192, d_model=512, num_layers=6, num_heads=8,
