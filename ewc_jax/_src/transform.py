@@ -192,7 +192,8 @@ def _fold(s: EWCState, params, fisher) -> EWCState:
   if s.mode == "online":
     ok = validate.gamma_ok(gamma)  # under jit: a bad gamma poisons
     curvature = tree_lib.map_by_path(
-        lambda a, p, f: states_lib.poison(ok, gamma * a + f32(f)), names,
+        lambda a, p, f: states_lib.poison(
+            ok, states_lib.rounded(gamma * a) + f32(f)), names,
         s.curvature, params, fisher, extra_ok=True)
     center = tree_lib.map_by_path(
         lambda c, p, f: states_lib.copy_f32(p), names, s.center, params,

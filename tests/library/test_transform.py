@@ -477,3 +477,35 @@ def test_literal_types_list_the_accepted_names():
   assert set(typing.get_args(ewc_jax.Estimator)) == set(ewc_jax.ESTIMATORS)
   assert inspect.signature(ewc_jax.ewc).parameters["mode"].annotation == (
       ewc_jax.Mode)
+
+
+@pytest.mark.parametrize("mode", ["separate", "online"])
+def test_the_compiled_fold_rounds_as_float32_ops_one_by_one(mode):
+  # consolidate folds in one compiled program, where XLA would contract
+  # c + s * (p - c) (and gamma * F + f) into fused multiply-adds, rounding
+  # once: results would differ in the last bit from the op-by-op fold the
+  # library had, and long runs (the quick preset's table) would change. The
+  # reference is NumPy's float32, which rounds after every operation.
+  rng = np.random.default_rng(0)
+  draw = lambda: rng.standard_normal(4096).astype(np.float32)  # noqa: E731
+  fishers = [np.square(draw()) for _ in range(3)]
+  anchors = [draw() for _ in range(3)]
+  gamma = np.float32(0.9)
+  opt = optax.chain(ewc_jax.ewc(1.0, mode=mode, **(
+      {"gamma": 0.9} if mode == "online" else {})), optax.sgd(0.1))
+  state = opt.init({"w": jnp.zeros(4096)})
+  a = np.zeros(4096, np.float32)
+  c = np.zeros(4096, np.float32)
+  for f, p in zip(fishers, anchors):
+    state = ewc_jax.consolidate(state, {"w": jnp.asarray(p)},
+                                {"w": jnp.asarray(f)})
+    if mode == "online":
+      a, c = gamma * a + f, p
+    else:
+      total = a + f
+      share = f / np.where(total > 0, total, np.float32(1))
+      c = np.where(total > 0, c + share * (p - c), p)
+      a = total
+  ewc_state = state[0]
+  np.testing.assert_array_equal(np.asarray(ewc_state.curvature["w"]), a)
+  np.testing.assert_array_equal(np.asarray(ewc_state.center["w"]), c)
