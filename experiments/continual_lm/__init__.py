@@ -4,6 +4,7 @@
 ``config`` (settings, presets), ``corpora`` (offline texts), ``tokenizer``
 (byte-level BPE), ``family`` (Qwen3 on tunix: Hugging Face checkpoints in
 and out), ``trainer`` (the training loop on ewc_jax's pieces),
-``progress`` (the job's bars), ``experiment`` (the phases), ``results``
-(files), ``main`` (the command line).
+``experiment`` (the phases, with the runner's progress bars:
+``experiments.common.progress``), ``results`` (files), ``main`` (the
+command line).
 """

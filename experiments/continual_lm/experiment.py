@@ -36,6 +36,7 @@ import math
 import os
 import pathlib
 import shutil
+import sys
 import time
 from typing import Any, Optional
 
@@ -46,10 +47,10 @@ import optax
 
 import ewc_jax
 from experiments.common import files
+from experiments.common import progress as progress_lib
 from experiments.common import tracking
 from experiments.continual_lm import corpora
 from experiments.continual_lm import family
-from experiments.continual_lm import progress as progress_lib
 from experiments.continual_lm import tokenizer as tok_lib
 from experiments.continual_lm import trainer
 from experiments.continual_lm.config import Config
@@ -266,7 +267,7 @@ def _make_forward(graphdef):
 
 def pretrain(config: Config, run_dir: RunDir, texts, progress, live):
   """Tokenizer and a small Qwen3 trained on A, saved as a checkpoint."""
-  with progress.phase("tokenizer", 0):
+  with progress.phase(0, desc="tokenizer", log=True):
     # On A's training text only, as a real checkpoint's tokenizer knows its
     # pretraining data and not the new domain's.
     tok = tok_lib.train([texts["a"][0]["train"]], config.vocab_size)
@@ -287,7 +288,8 @@ def pretrain(config: Config, run_dir: RunDir, texts, progress, live):
   def evaluate_fn(p, step):
     return {"a": trainer.evaluate(forward, p, sp.rest, a_val)}
 
-  with progress.phase("pretrain on A", config.pretrain_steps) as advance, \
+  with progress.phase(config.pretrain_steps, desc="pretrain on A",
+                      log=True) as bar, \
       _open(live, "pretrain", config) as trackers:
     progress.note(f"{family.num_params(sp.trainable):,} parameters")
 
@@ -295,7 +297,7 @@ def pretrain(config: Config, run_dir: RunDir, texts, progress, live):
       del pens
       for i, loss in enumerate(losses):
         trackers.scalars({"train/loss": loss}, first + i + 1)
-      advance(len(losses))
+      bar.update(len(losses))
 
     params, _, hist = trainer.fit(
         forward, sp.trainable, sp.rest, data["a_train"], tx=tx,
@@ -341,10 +343,11 @@ def importances(config: Config, run_dir: RunDir, full, lora, data,
     cached = run_dir.load_tree(key, sp.trainable)
     if cached is not None and key in run_dir.state["fisher"]:
       found[key] = cached
-      with progress.phase(f"fisher {key} (kept)", units):
+      with progress.phase(units, initial=units, desc=f"fisher {key} (kept)",
+                          log=True):
         pass
       continue
-    with progress.phase(f"fisher {key}", units):
+    with progress.phase(units, desc=f"fisher {key}", log=True):
       forward = _forward(sp.graphdef)
       apply_fn = lambda p, x, f=forward, r=sp.rest: f(p, r, x)  # noqa: E731
       start = time.perf_counter()
@@ -413,7 +416,7 @@ def run_one(config: Config, method: str, lam: float, matched: float, sp,
     return {"a": trainer.evaluate(forward, p, sp.rest, data["a_test"]),
             "b": trainer.evaluate(forward, p, sp.rest, data["b_test"])}
 
-  with progress.phase(name, config.finetune_steps) as advance, \
+  with progress.phase(config.finetune_steps, desc=name, log=True) as bar, \
       _open(live, name, config) as trackers:
     def on_steps(first, losses, pens):
       for i, (loss, pen) in enumerate(zip(losses, pens, strict=True)):
@@ -421,7 +424,7 @@ def run_one(config: Config, method: str, lam: float, matched: float, sp,
         if lam > 0:
           values["train/penalty"] = pen
         trackers.scalars(values, first + i + 1)
-      advance(len(losses))
+      bar.update(len(losses))
 
     try:
       params, hist = trainer.fine_tune(
@@ -526,20 +529,24 @@ def run(config: Config, out: str | os.PathLike, *,
   model_dir = run_dir.pretrained if offline else pathlib.Path(
       config.model_dir)
   mesh = family.make_mesh(config.mesh)
-  progress = progress_lib.Progress(total_units(config, offline),
-                                   enabled=show_progress)
+  progress = progress_lib.Job(
+      total_units(config, offline), desc="job",
+      enabled=show_progress is not False,
+      file=sys.stderr if show_progress else None)  # None: a terminal only
   timing = {}
-  try:
+  with progress, progress.logging():
     t = time.perf_counter()
     if offline and not (run_dir.state["pretrain"]
                         and run_dir.pretrained.is_dir()):
       pretrain(config, run_dir, texts, progress, live)
     elif offline:
-      with progress.phase("pretrain on A (kept)", config.pretrain_steps):
+      with progress.phase(config.pretrain_steps,
+                          initial=config.pretrain_steps,
+                          desc="pretrain on A (kept)", log=True):
         pass
     timing["pretrain"] = time.perf_counter() - t
     t = time.perf_counter()
-    with progress.phase("load checkpoint", 0):
+    with progress.phase(0, desc="load checkpoint", log=True):
       model, model_config, hf = family.load(model_dir, dtype=config.dtype,
                                             mesh=mesh)
       tok = tok_lib.load(model_dir / "tokenizer.json")
@@ -570,7 +577,9 @@ def run(config: Config, out: str | os.PathLike, *,
     def do(method, lam, matched):
       name = _run_name(method, lam)
       if name in done:
-        with progress.phase(f"{name} (kept)", config.finetune_steps):
+        with progress.phase(config.finetune_steps,
+                            initial=config.finetune_steps,
+                            desc=f"{name} (kept)", log=True):
           pass
         return done[name], None
       sp = lora if method.startswith("lora") else full
@@ -601,8 +610,6 @@ def run(config: Config, out: str | os.PathLike, *,
     for method, value, matched in _plan(config, lam):
       do(method, value, matched)
     timing["runs"] = time.perf_counter() - t
-  finally:
-    progress.close()
   order = {n: i for i, n in enumerate(
       [_run_name("finetune", 0.0)]
       + [_run_name("ewc_sampled", x) for x in config.lams])}

@@ -13,6 +13,7 @@ from experiments.bench import sequence
 from experiments.bench import suite  # noqa: F401
 
 
+@pytest.mark.slow  # an end-to-end run: CI's own step
 def test_bench_writes_ratios(tmp_path):
   out = tmp_path / "bench.json"
   bench.main(["--hidden", "16", "--fast-examples", "512", "--vmap-examples",
@@ -34,6 +35,7 @@ def test_bench_writes_ratios(tmp_path):
   assert not any("peak_rss_bytes" in r for r in res["memory"])  # 0 skips
 
 
+@pytest.mark.slow  # an end-to-end run: CI's own step
 def test_sequence_part_times_the_fisher_against_a_train_step():
   rows = sequence.sequence_fisher_ratio(vocab=16, width=8, layers=1, heads=2,
                                         sequences=2, length=4, reps=1,
@@ -56,6 +58,7 @@ def _write_idx(path, array):
   path.write_bytes(gzip.compress(header + array.astype(np.uint8).tobytes()))
 
 
+@pytest.mark.slow  # an end-to-end run: CI's own step
 def test_device_check_smoke_on_cpu_reads_idx(tmp_path, capsys):
   data = tmp_path / "idx"
   data.mkdir()

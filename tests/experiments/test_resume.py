@@ -296,6 +296,7 @@ def test_overwrite_clears_old_checkpoints_and_keep_keeps_final_ones(tmp_path):
   assert not (tmp_path / workdir_lib.PREVIOUS).exists()
 
 
+@pytest.mark.slow  # an end-to-end run: CI's own step
 def test_sigkill_mid_task_then_resume_matches_an_uninterrupted_run(tmp_path):
   # The CLI on the default synthetic data (1,800 training examples per task,
   # 56 steps): finetune runs 168 steps and finishes; si is killed by SIGKILL

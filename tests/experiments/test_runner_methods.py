@@ -25,6 +25,7 @@ def _stream():
   return tiny.stream(num_tasks=2)
 
 
+@pytest.mark.slow  # an end-to-end run: CI's own step
 @pytest.mark.parametrize("method", ["mas", "kfac_ewc", "online_kfac_ewc",
                                     "online_kfac_ewc_sum"])
 def test_new_methods_run_end_to_end(method):

@@ -55,6 +55,7 @@ def _assert_members_equal_separate_runs(config, method, lams, seeds):
         got_params, want_params)
 
 
+@pytest.mark.slow  # an end-to-end run: CI's own step
 def test_lambdas_vmapped_equal_separate_runs():
   _assert_members_equal_separate_runs(
       _config(), "ewc", (0.5, 5.0, 50.0), (0,))

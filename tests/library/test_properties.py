@@ -39,7 +39,7 @@ def like(tree, rng, scale=1.0, positive=False):
   return jax.tree.map(make, tree)
 
 
-@settings(max_examples=30, deadline=None)
+@settings(max_examples=20, deadline=None)
 @given(trees(), st.floats(0.0, 1e4), st.sampled_from(["separate", "online"]),
        st.floats(0.05, 1.0), st.integers(0, 3))
 def test_transformation_properties(tree_rng, lam, mode, gamma, tasks):

@@ -10,7 +10,11 @@ import socket
 import subprocess
 import sys
 
+import pytest
+
 ROOT = pathlib.Path(__file__).resolve().parents[2]
+# Simulated devices in subprocesses: CI's own step (the main suite deselects).
+pytestmark = pytest.mark.multidevice
 
 
 def test_sharded_fisher_and_train_step_match_single_device():
