@@ -4,7 +4,8 @@
 ``config`` (settings, presets), ``corpora`` (offline texts), ``tokenizer``
 (byte-level BPE), ``family`` (Qwen3 on tunix: Hugging Face checkpoints in
 and out), ``trainer`` (the training loop on ewc_jax's pieces),
-``experiment`` (the phases, with the runner's progress bars:
-``experiments.common.progress``), ``results`` (files), ``main`` (the
-command line).
+``sequences`` (the corpora as token windows), ``workdir`` (the run
+directory, for resume), ``experiment`` (the phases, with the runner's
+progress bars: ``experiments.common.progress``), ``results`` (files),
+``main`` (the command line).
 """

@@ -28,14 +28,10 @@ tokenizer, on held-out text.
 """
 
 import dataclasses
-import hashlib
-import io
-import json
 import logging
 import math
 import os
 import pathlib
-import shutil
 import sys
 import time
 from typing import Any, Optional
@@ -46,18 +42,18 @@ import numpy as np
 import optax
 
 import ewc_jax
-from experiments.common import files
 from experiments.common import progress as progress_lib
 from experiments.common import tracking
-from experiments.continual_lm import corpora
 from experiments.continual_lm import family
+from experiments.continual_lm import hf_config
+from experiments.continual_lm import sequences as seq_lib
 from experiments.continual_lm import tokenizer as tok_lib
 from experiments.continual_lm import trainer
+from experiments.continual_lm import workdir
 from experiments.continual_lm.config import Config
 from experiments.continual_lm.config import validate
 
 logger = logging.getLogger(__name__)
-STATE = "state.json"
 FISHERS = {"ewc_sampled": "sampled", "ewc_empirical": "empirical",
            "batched": "batched", "lora_ewc": "sampled"}
 
@@ -94,145 +90,16 @@ def _open(live: Optional[LiveMetrics], name: str, config: Config):
   return tracking.Trackers() if live is None else live.open(name, config)
 
 
-# --- data --------------------------------------------------------------------
-
-
-def load_texts(config: Config) -> dict[str, Any]:
-  """``{"a": (text, info), "b": ...}``: the corpora, decoded.
-
-  Raises:
-    ValueError: a corpus file missing, a directory, unreadable (named).
-  """
-  out = {}
-  for which in ("a", "b"):
-    raw, source = corpora.load_corpus(
-        getattr(config, f"corpus_{which}"), which, config.corpora,
-        config.corpus_bytes, config.code_bytes)
-    text = raw.decode("utf-8", errors="replace")
-    cut = int(len(text) * (1.0 - config.heldout_fraction))
-    half = cut + (len(text) - cut) // 2
-    out[which] = ({"train": text[:cut], "val": text[cut:half],
-                   "test": text[half:]},
-                  {"source": source, "bytes": len(raw),
-                   "sha256": hashlib.sha256(raw).hexdigest()})
-  return out
-
-
-def tokenize(config: Config, tok, texts: dict[str, Any]) -> dict[str, Any]:
-  """Token windows ``[N, seq_len + 1]`` of every split, and their counts.
-
-  Training windows are shuffled; validation and test ones are a fixed
-  random subset of ``eval_sequences`` each.
-
-  Raises:
-    ValueError: a split too short (named), or fewer training windows than
-      batch_size.
-  """
-  rng = np.random.default_rng(config.seed)
-  data, info = {}, {}
-  for which in ("a", "b"):
-    parts, meta = texts[which]
-    meta = dict(meta)
-    for split, text in parts.items():
-      name = f"corpus_{which} ({split} part)"
-      ids = tok_lib.encode(tok, text)
-      seqs = corpora.windows(ids, config.seq_len, name)
-      if split == "train":
-        if len(seqs) < config.batch_size:
-          raise ValueError(
-              f"corpus_{which} gives {len(seqs)} training sequences of "
-              f"{config.seq_len} tokens, fewer than batch_size "
-              f"{config.batch_size}; use a longer text or a smaller "
-              "seq_len / batch_size.")
-        seqs = seqs[rng.permutation(len(seqs))]
-      elif len(seqs) > config.eval_sequences:
-        seqs = seqs[np.sort(rng.choice(len(seqs), config.eval_sequences,
-                                       replace=False))]
-      data[f"{which}_{split}"] = seqs
-      meta[f"{split}_tokens"] = int(len(ids))
-      meta[f"{split}_sequences"] = int(len(seqs))
-    info[which] = meta
-  data["info"] = info
-  return data
-
-
 def _ppl(loss: float) -> float:
   return float(math.exp(min(loss, 50.0)))
-
-
-# --- state on disk -----------------------------------------------------------
-
-
-class RunDir:
-  """The run directory: what each finished phase leaves for a resume."""
-
-  def __init__(self, out: pathlib.Path, config: Config):
-    self.out = pathlib.Path(out)
-    self.config = config
-    self.state = {"config": dataclasses.asdict(config), "pretrain": None,
-                  "fisher": {}, "runs": [], "chosen": None}
-
-  @property
-  def pretrained(self) -> pathlib.Path:
-    return self.out / "pretrained"
-
-  @property
-  def finetuned(self) -> pathlib.Path:
-    return self.out / "finetuned"
-
-  def load(self) -> None:
-    """Reads ``state.json`` of a previous attempt (``--resume``).
-
-    Raises:
-      ValueError: no state there, or one of another configuration.
-    """
-    path = self.out / STATE
-    try:
-      state = json.loads(path.read_text())
-    except (OSError, json.JSONDecodeError) as e:
-      raise ValueError(f"--resume: {path} is not a run's state ({e}); run "
-                       "without --resume.") from None
-    mine = json.loads(json.dumps(dataclasses.asdict(self.config)))
-    if state.get("config") != mine:
-      diff = sorted(k for k in mine if state.get("config", {}).get(k)
-                    != mine[k])
-      raise ValueError(f"--resume: {self.out} holds a run of another "
-                       f"configuration (differs in: {', '.join(diff)}); "
-                       "use its flags, or another --out.")
-    self.state = state
-
-  def save(self) -> None:
-    self.out.mkdir(parents=True, exist_ok=True)
-    files.write_json(self.out / STATE, self.state)
-
-  def fisher_path(self, name: str) -> pathlib.Path:
-    return self.out / "fisher" / f"{name}.npz"
-
-  def save_tree(self, name: str, tree: Any) -> None:
-    path = self.fisher_path(name)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    buf = io.BytesIO()
-    np.savez(buf, *[np.asarray(x) for x in jax.tree.leaves(tree)])
-    files.write_atomic(path, buf.getvalue())
-
-  def load_tree(self, name: str, like: Any) -> Optional[Any]:
-    path = self.fisher_path(name)
-    if not path.is_file():
-      return None
-    with np.load(path) as z:
-      leaves = [z[f"arr_{i}"] for i in range(len(z.files))]
-    treedef = jax.tree.structure(like)
-    if len(leaves) != treedef.num_leaves:
-      return None
-    return jax.tree.unflatten(treedef, [jnp.asarray(x) for x in leaves])
 
 
 # --- phases ------------------------------------------------------------------
 
 
 def offline_model_config(config: Config, vocab_size: int
-                         ) -> family.ModelConfig:
-  return family.config_from_dict({
+                         ) -> hf_config.ModelConfig:
+  return hf_config.config_from_dict({
       "model_type": "qwen3", "vocab_size": vocab_size,
       "hidden_size": config.d_model, "intermediate_size": config.mlp_dim,
       "num_hidden_layers": config.num_layers,
@@ -265,7 +132,7 @@ def _make_forward(graphdef):
   return forward
 
 
-def pretrain(config: Config, run_dir: RunDir, texts, progress, live):
+def pretrain(config: Config, run_dir: workdir.RunDir, texts, progress, live):
   """Tokenizer and a small Qwen3 trained on A, saved as a checkpoint."""
   with progress.phase(0, desc="tokenizer", log=True):
     # On A's training text only, as a real checkpoint's tokenizer knows its
@@ -273,7 +140,7 @@ def pretrain(config: Config, run_dir: RunDir, texts, progress, live):
     tok = tok_lib.train([texts["a"][0]["train"]], config.vocab_size)
     tok_path = run_dir.out / "tokenizer.json"
     tok_lib.save(tok, tok_path)
-    data = tokenize(config, tok, texts)
+    data = seq_lib.tokenize(config, tok, texts)
   model_config = offline_model_config(config, tok.get_vocab_size())
   params = family.init_params(model_config, config.seed)
   model = family.build(model_config, params)
@@ -326,7 +193,7 @@ def pretrain(config: Config, run_dir: RunDir, texts, progress, live):
               run_dir.state["pretrain"]["ppl_a_val_kept"])
 
 
-def importances(config: Config, run_dir: RunDir, full, lora, data,
+def importances(config: Config, run_dir: workdir.RunDir, full, lora, data,
                 progress) -> dict[str, Any]:
   """``{method: importance}`` on A, loaded from the run directory if done."""
   a = data["a_train"][:config.fisher_examples]
@@ -515,16 +382,16 @@ def run(config: Config, out: str | os.PathLike, *,
   Raises:
     RunDiverged: a run's loss became non-finite; the finished runs are
       kept in ``out/state.json``.
-    family.CheckpointError, ValueError: bad checkpoint or data (one line).
+    hf_config.CheckpointError, ValueError: bad checkpoint or data (one line).
   """
   validate(config)
   start = time.perf_counter()
-  run_dir = RunDir(pathlib.Path(out), config)
+  run_dir = workdir.RunDir(pathlib.Path(out), config)
   if resume:
     run_dir.load()
   run_dir.out.mkdir(parents=True, exist_ok=True)
   run_dir.save()
-  texts = load_texts(config)
+  texts = seq_lib.load_texts(config)
   offline = config.model_dir is None
   model_dir = run_dir.pretrained if offline else pathlib.Path(
       config.model_dir)
@@ -550,7 +417,7 @@ def run(config: Config, out: str | os.PathLike, *,
       model, model_config, hf = family.load(model_dir, dtype=config.dtype,
                                             mesh=mesh)
       tok = tok_lib.load(model_dir / "tokenizer.json")
-      data = tokenize(config, tok, texts)
+      data = seq_lib.tokenize(config, tok, texts)
       full = family.split(model)
       lora = None
       if any(m.startswith("lora") for m in config.methods):
@@ -653,12 +520,3 @@ def _version(name: str) -> Optional[str]:
     return metadata.version(name)
   except metadata.PackageNotFoundError:
     return None
-
-
-def remove_outputs(out: pathlib.Path) -> None:
-  """Deletes a previous run's files from ``out`` (``--overwrite``)."""
-  for name in ("pretrained", "finetuned", "fisher"):
-    shutil.rmtree(out / name, ignore_errors=True)
-  for name in (STATE, "tokenizer.json", "results.json", "results.md",
-               "perplexity.png"):
-    (out / name).unlink(missing_ok=True)

@@ -104,9 +104,12 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
     results_lib.check_out(flags.out, flags.overwrite, flags.resume)
     experiment = _import_experiment()
     from experiments.continual_lm import family  # noqa: PLC0415
+    from experiments.continual_lm import hf_config  # noqa: PLC0415
+    from experiments.continual_lm import sequences  # noqa: PLC0415
+    from experiments.continual_lm import workdir  # noqa: PLC0415
     if config.model_dir is not None:
-      model_config, hf = family.read_config(config.model_dir,
-                                            dtype=config.dtype)
+      model_config, hf = hf_config.read_config(config.model_dir,
+                                               dtype=config.dtype)
       family.check_tensors(config.model_dir, model_config)
       longest = hf.get("max_position_embeddings")
       if isinstance(longest, int) and config.seq_len > longest:
@@ -115,7 +118,7 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
             f"positions than the checkpoint's max_position_embeddings "
             f"{longest}.")
     family.make_mesh(config.mesh)
-    experiment.load_texts(config)  # bad corpora fail before any training
+    sequences.load_texts(config)  # bad corpora fail before any training
   except (ValueError, ImportError, OSError) as e:
     print(f"{PROG}: error: {_one_line(e)}", file=sys.stderr)
     return 2
@@ -124,7 +127,7 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
   with flags.output.logging():
     try:
       if flags.overwrite:
-        experiment.remove_outputs(out)
+        workdir.remove_outputs(out)
       results = experiment.run(config, out, live=live, resume=flags.resume,
                                show_progress=None if not flags.output.quiet
                                else False)
@@ -138,7 +141,7 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
             f"{out / 'state.json'} and no results were written: lower "
             "--lr (or --lora-lr) and run again", file=sys.stderr)
       return 1
-    except (ValueError, family.CheckpointError) as e:
+    except (ValueError, hf_config.CheckpointError) as e:
       print(f"{PROG}: error: {_one_line(e)}", file=sys.stderr)
       return 2
     except OSError as e:

@@ -26,6 +26,7 @@ from experiments.common import tracking  # noqa: E402
 from experiments.continual_lm import experiment  # noqa: E402
 from experiments.continual_lm import family  # noqa: E402
 from experiments.continual_lm import main as main_lib  # noqa: E402
+from experiments.continual_lm import sequences  # noqa: E402
 from experiments.continual_lm import tokenizer as tok_lib  # noqa: E402
 from tests.experiments import hf_qwen3_reference as reference  # noqa: E402
 
@@ -264,7 +265,7 @@ def test_model_dir_end_to_end_resumed_after_an_interrupt(tmp_path, capsys,
   sp = family.split(model)
   tok = tok_lib.load(out / "finetuned" / "tokenizer.json")
   config = main_lib.parse(flags).config
-  data = experiment.tokenize(config, tok, experiment.load_texts(config))
+  data = sequences.tokenize(config, tok, sequences.load_texts(config))
   forward = lambda p, f, x: sp.apply_fn()(p, x)  # noqa: E731
   loss = experiment.trainer.evaluate(forward, sp.trainable, None,
                                      data["a_val"])

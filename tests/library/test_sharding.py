@@ -17,14 +17,19 @@ ROOT = pathlib.Path(__file__).resolve().parents[2]
 pytestmark = pytest.mark.multidevice
 
 
-def test_sharded_fisher_and_train_step_match_single_device():
+def _check_lines(script, devices):
+  """The stdout lines of ``script`` run on ``devices`` simulated devices."""
   env = dict(os.environ, PYTHONPATH=str(ROOT),
-             XLA_FLAGS="--xla_force_host_platform_device_count=4")
+             XLA_FLAGS=f"--xla_force_host_platform_device_count={devices}")
   proc = subprocess.run([sys.executable, str(ROOT / "tests" / "library" /
-                                             "sharded_check.py")],
+                                             script)],
                         capture_output=True, text=True, env=env, timeout=600)
   assert proc.returncode == 0, proc.stdout + proc.stderr
-  lines = proc.stdout.splitlines()
+  return proc.stdout.splitlines()
+
+
+def test_sharded_fisher_and_train_step_match_single_device():
+  lines = _check_lines("sharded_check.py", 4)
   assert sum(line.startswith("ok fisher ") and "sharded == single" in line
              for line in lines) == 5
   for check in ("ok fisher sharded: one program", "ok empirical_fisher",
@@ -33,13 +38,7 @@ def test_sharded_fisher_and_train_step_match_single_device():
 
 
 def test_sequence_fisher_and_pull_on_8_devices_with_sharded_params():
-  env = dict(os.environ, PYTHONPATH=str(ROOT),
-             XLA_FLAGS="--xla_force_host_platform_device_count=8")
-  proc = subprocess.run([sys.executable, str(ROOT / "tests" / "library" /
-                                             "sequence_sharded_check.py")],
-                        capture_output=True, text=True, env=env, timeout=600)
-  assert proc.returncode == 0, proc.stdout + proc.stderr
-  lines = proc.stdout.splitlines()
+  lines = _check_lines("sequence_sharded_check.py", 8)
   assert sum("sharded (FSDP + TP) == single" in line for line in lines) == 3
   for check in ("ok sequence fisher stream", "ok sequence ewc"):
     assert any(line.startswith(check) for line in lines), check
